@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["seed_everything", "default_device", "sample_image"]
+__all__ = ["seed_everything", "default_device", "sample_image", "runs_dir"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -22,6 +24,16 @@ def seed_everything(seed: int) -> torch.Generator:
 def default_device() -> torch.device:
     """``cuda`` when a GPU is available, otherwise ``cpu``."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def runs_dir() -> Path:
+    """Where chapters keep training runs: ``$VITCOURSE_RUNS`` if set, else ``./runs``.
+
+    The Makefile points it at ``_build/runs`` so the book build and the notebook
+    tests share finished runs (a finished run is resumed, not retrained) and
+    ``make clean`` removes them.
+    """
+    return Path(os.environ.get("VITCOURSE_RUNS") or "runs").expanduser()
 
 
 _PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
