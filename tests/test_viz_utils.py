@@ -1,0 +1,59 @@
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pytest
+import torch
+
+from vitcourse import viz
+from vitcourse.utils import runs_dir, sample_image, seed_everything
+
+
+def test_sample_image_is_a_real_photo_offline():
+    img = sample_image("chelsea", size=64)
+    assert img.shape == (3, 64, 64) and img.dtype == torch.float32
+    assert 0 <= img.min() and img.max() <= 1 and img.std() > 0.05
+    assert sample_image("astronaut", size=None).shape == (3, 512, 512)
+    with pytest.raises(ValueError, match="choose one of"):
+        sample_image("dog")
+
+
+def test_seed_everything_makes_runs_repeatable():
+    seed_everything(3)
+    a = torch.randn(4)
+    g = seed_everything(3)
+    assert torch.equal(a, torch.randn(4))
+    assert torch.equal(torch.randn(2, generator=g), torch.randn(2, generator=torch.Generator().manual_seed(3)))
+
+
+def test_runs_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITCOURSE_RUNS", str(tmp_path))
+    assert runs_dir() == tmp_path
+    monkeypatch.delenv("VITCOURSE_RUNS")
+    assert str(runs_dir()) == "runs"
+
+
+def test_plots_draw_titled_labelled_axes():
+    img = sample_image(size=32)
+    ax = viz.plot_patch_grid(img, 8)
+    assert "16 patches" in ax.get_title() and ax.get_xlabel()
+    ax = viz.plot_attention(torch.softmax(torch.randn(4, 4), -1), labels=list("abcd"))
+    assert ax.get_title() and ax.get_ylabel() == "query (attending)"
+    assert len(ax.texts) == 16
+    fig = viz.plot_attention_heads(torch.softmax(torch.randn(3, 5, 5), -1))
+    assert fig._suptitle.get_text()
+    fig = viz.plot_patches(img, 8)
+    assert len(fig.axes) == 16
+    fig = viz.plot_position_similarity(torch.randn(1, 17, 8))
+    assert sum(1 for a in fig.axes if a.images) == 16  # a 4x4 grid of similarity maps
+    ax = viz.overlay_attention(img, torch.rand(4, 4))
+    assert len(ax.images) == 2
+    plt.close("all")
+
+
+def test_position_similarity_diagonal_is_one():
+    pos = torch.randn(1, 10, 6)
+    fig = viz.plot_position_similarity(pos)
+    tile = fig.axes[4].images[0].get_array()  # patch (1, 1) of the 3x3 grid
+    assert abs(tile[1, 1] - 1.0) < 1e-6
+    plt.close("all")
