@@ -1,0 +1,227 @@
+"""``vitcourse grade``: a folder of submissions in, grades.csv and feedback pages out.
+
+Parallel (one warm sandboxed worker per thread), resumable (one result file per
+student, written atomically; a rerun skips students whose notebook and grader are
+unchanged unless ``force``), and robust: nothing a submission contains stops the
+batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import queue
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .feedback import write_feedback, write_summary
+from .grader import Limits, StudentResult, SubmissionGrader, build_units, file_sha256
+from .notebook import detect_chapter, read_cells
+from .sandbox import Worker, build_view, bwrap_status
+from .spec import chapter_names, load_chapter
+
+
+class GradingError(Exception):
+    """A problem with the grader's input (not with a submission): one sentence, no traceback."""
+
+
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write a file so that readers see the old content or the new, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def student_key(name: str) -> str:
+    """A file-system-safe, unique key for a student name (used for result and feedback files)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:80] or "student"
+    if safe != name:
+        safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return safe
+
+
+def grader_version(chapter: str) -> str:
+    """Hash of the grading code and the chapter's specs: a change means results are regraded."""
+    here = Path(__file__).parent
+    files = sorted(here.glob("*.py")) + [here / "exercises" / f"{chapter}.py", here / "hidden" / f"{chapter}.py"]
+    digest = hashlib.sha256()
+    for f in files:
+        if f.exists():
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class BatchReport:
+    """What a batch did (the CLI prints it)."""
+
+    sandbox: str
+    chapter: str
+    graded: int
+    skipped: int
+    seconds: float
+    results: list[StudentResult]
+    out: Path
+
+
+def find_submissions(folder: Path) -> list[Path]:
+    """The ``.ipynb`` files of a submissions folder, sorted by name."""
+    if not folder.is_dir():
+        raise GradingError(f"{folder} is not a folder; give the folder that holds one notebook per student.")
+    files = sorted(p for p in folder.iterdir() if p.suffix == ".ipynb" and not p.name.startswith("."))
+    if not files:
+        raise GradingError(f"{folder} holds no .ipynb files; put one notebook per student there, named after the student.")
+    return files
+
+
+def choose_chapter(files: list[Path], chapter: str | None) -> str:
+    """The chapter given, else the one most submissions look like."""
+    known = chapter_names()
+    if chapter:
+        if chapter not in known:
+            raise GradingError(f"unknown chapter {chapter!r}; choose one of {', '.join(known)}.")
+        return chapter
+    votes: dict[str, int] = {}
+    for f in files:
+        found = detect_chapter(read_cells(f), known)
+        if found:
+            votes[found] = votes.get(found, 0) + 1
+    if not votes:
+        raise GradingError("could not tell which exercise notebook these are; pass --chapter (for example ch01).")
+    return max(votes, key=votes.get)
+
+
+def _load_result(path: Path) -> StudentResult | None:
+    try:
+        return StudentResult.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def write_csv(out: Path, results: list[StudentResult], exercise_ids: list[str]) -> None:
+    """``grades.csv``: student, total, max, then one column per exercise (atomically)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["student", "total", "max", *exercise_ids])
+    for r in sorted(results, key=lambda r: r.student):
+        writer.writerow([r.student, f"{r.total:g}", f"{r.max_total:g}", *(f"{r.scores.get(e, 0):g}" for e in exercise_ids)])
+    atomic_write(out / "grades.csv", buffer.getvalue())
+
+
+def grade_folder(
+    submissions: Path, out: Path, workers: int | None = None, force: bool = False,
+    chapter: str | None = None, students: list[str] | None = None, limits: Limits | None = None,
+    sandbox: bool | None = None, progress: bool = True,
+) -> BatchReport:
+    """Grade every notebook in ``submissions`` into ``out``; see the module docstring.
+
+    Args:
+        submissions: folder with one ``<student>.ipynb`` per student.
+        out: output folder (``grades.csv``, ``feedback/``, ``results/``, summary files).
+        workers: parallel workers (default: the number of CPU cores).
+        force: regrade students that already have a result.
+        chapter: ``ch01`` ...; default: detected from the notebooks.
+        students: grade only these students (file names without ``.ipynb``).
+        limits: resource limits per submission.
+        sandbox: use bubblewrap (``None``: whenever it works).
+    """
+    start = time.monotonic()
+    files = find_submissions(Path(submissions))
+    if students:
+        wanted = set(students)
+        files = [f for f in files if f.stem in wanted]
+        missing = wanted - {f.stem for f in files}
+        if missing:
+            raise GradingError(f"no submission for {', '.join(sorted(missing))} in {submissions}.")
+    name = choose_chapter(files, chapter)
+    spec = load_chapter(name)
+    version = grader_version(name)
+    out = Path(out)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    usable, description = bwrap_status()
+    use_sandbox = usable if sandbox is None else sandbox and usable
+    sandbox_line = (f"Sandbox: {description}; student code ran isolated, without network." if use_sandbox else
+                    f"NO SANDBOX: {description if not usable else 'disabled'}; student code ran with resource "
+                    "limits only and could read this machine's files.")
+
+    results: dict[str, StudentResult] = {}
+    pending: list[tuple[Path, str]] = []
+    for f in find_submissions(Path(submissions)):  # every student stays in the CSV
+        key = student_key(f.stem)
+        old = _load_result(out / "results" / f"{key}.json")
+        if f in files:
+            sha = file_sha256(f)
+            if force or old is None or old.sha256 != sha or old.version != version:
+                pending.append((f, sha))
+                continue
+        if old is not None:
+            results[f.stem] = old
+    exercise_ids = [e.id for e in spec.exercises]
+    lock = threading.Lock()
+    write_csv(out, list(results.values()), exercise_ids)
+
+    units = build_units(spec) if pending else []
+    jobs: queue.Queue = queue.Queue()
+    for item in pending:
+        jobs.put(item)
+    n_workers = max(1, min(workers or os.cpu_count() or 1, len(pending) or 1))
+    bar = None
+    if progress and pending:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(pending), desc=f"grading {name}", unit="notebook")
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        view_root = Path(tempfile.mkdtemp(prefix="vitcourse-view-"))
+        build_view(view_root, spec.sandbox_modules)
+        worker = Worker(view_root, spec.preload, sandbox=use_sandbox)
+        grader = SubmissionGrader(spec, units, worker, version, limits)
+        try:
+            while True:
+                try:
+                    path, sha = jobs.get_nowait()
+                except queue.Empty:
+                    return
+                result = grader.grade(path, path.stem, sha)
+                key = student_key(path.stem)
+                write_feedback(out / "feedback" / f"{key}.html", result, spec)
+                atomic_write(out / "results" / f"{key}.json", json.dumps(result.to_json(), indent=1))
+                with lock:
+                    results[path.stem] = result
+                    write_csv(out, list(results.values()), exercise_ids)
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException as err:  # noqa: BLE001 - surfaced by the main thread
+            errors.append(err)
+        finally:
+            worker.close()
+            import shutil
+
+            shutil.rmtree(view_root, ignore_errors=True)
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(n_workers if pending else 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if bar is not None:
+        bar.close()
+    if errors:
+        raise GradingError(f"the grader itself failed: {type(errors[0]).__name__}: {errors[0]}")
+    ordered = sorted(results.values(), key=lambda r: r.student)
+    report = BatchReport(sandbox_line, name, len(pending), len(results) - len(pending),
+                         time.monotonic() - start, ordered, out)
+    write_summary(out, report, spec)
+    return report

@@ -1,0 +1,302 @@
+"""Grading one submission: run it in a worker, compare its outputs here, score every check.
+
+The grader never trusts the student process with a comparison. It sends the
+selected notebook statements and the tasks of every check; the student process
+answers with plain values (or errors); the expected values are computed here from
+the course's reference code and compared here. When the student process dies or
+hangs in the middle of something (``os._exit``, a segfault, an infinite loop, a
+memory bomb), that one statement or check is marked with the reason and the run
+continues in a fresh child with the rest. A timeout uses up the exercise's time
+budget, so its remaining checks fail at once with the same reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import wire
+from .notebook import read_cells, select_statements
+from .runtime import pack_tree
+from .sandbox import Worker, WorkerDied, process_limit
+from .spec import Case, Chapter, load_hidden, seed_for
+
+MEMORY_BUDGET = 2 * 2**30  # bytes a child may allocate beyond the warm server's address space
+FILE_SIZE = 16 * 2**20
+
+
+@dataclass
+class Limits:
+    """Resource limits for one submission (seconds and bytes)."""
+
+    exercise_seconds: float = 10.0  # wall time shared by all checks of one exercise
+    setup_seconds: float = 30.0  # wall time for all notebook statements together
+    memory: int = MEMORY_BUDGET
+    file_size: int = FILE_SIZE
+
+
+@dataclass
+class Unit:
+    """One check of one exercise, made concrete: the task, expected value, and its points."""
+
+    id: str
+    exercise: str
+    description: str
+    hidden: bool
+    points: float
+    case: Case
+
+
+@dataclass
+class CheckResult:
+    """The outcome of one check for one student (what the feedback page shows)."""
+
+    exercise: str
+    description: str
+    hidden: bool
+    points: float
+    earned: float
+    message: str = ""
+
+
+@dataclass
+class StudentResult:
+    """Everything the CSV and the feedback page need about one student."""
+
+    student: str
+    file: str
+    sha256: str
+    chapter: str
+    version: str
+    sandbox: bool
+    scores: dict[str, float] = field(default_factory=dict)
+    maximum: dict[str, float] = field(default_factory=dict)
+    checks: list[CheckResult] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        """Points earned over all exercises."""
+        return round(sum(self.scores.values()), 2)
+
+    @property
+    def max_total(self) -> float:
+        """Points available over all exercises."""
+        return round(sum(self.maximum.values()), 2)
+
+    def to_json(self) -> dict:
+        """A JSON-able dict (see :meth:`from_json`)."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StudentResult":
+        """Inverse of :meth:`to_json`."""
+        data = dict(data)
+        data["checks"] = [CheckResult(**c) for c in data.get("checks", [])]
+        return cls(**data)
+
+
+def build_units(chapter: Chapter) -> list[Unit]:
+    """Every check of the chapter (public, then hidden, per exercise) with its expected value."""
+    hidden = load_hidden(chapter.name)
+    units: list[Unit] = []
+    for ex in chapter.exercises:
+        checks = [(c, False, i) for i, c in enumerate(ex.public)]
+        checks += [(c, True, i) for i, c in enumerate(hidden.get(ex.id, []))]
+        total_weight = sum(c.weight for c, _, _ in checks) or 1.0
+        for chk, is_hidden, index in checks:
+            case = chk.build(seed_for(chapter.name, ex.id, index, is_hidden))
+            units.append(Unit(f"c{len(units)}", ex.id, chk.description, is_hidden,
+                              ex.points * chk.weight / total_weight, case))
+    return units
+
+
+def _signal_name(number: int) -> str:
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+    meaning = {"SIGSEGV": "segmentation fault", "SIGKILL": "killed, usually for using too much memory",
+               "SIGXCPU": "CPU time limit exceeded", "SIGXFSZ": "file size limit exceeded",
+               "SIGABRT": "aborted"}.get(name)
+    return f"{name}: {meaning}" if meaning else name
+
+
+def describe_end(end: dict, limits: Limits) -> str:
+    """Turn the fork server's end report into one sentence for the feedback."""
+    status = end.get("status")
+    if status == "timeout":
+        return "it did not finish within its time limit (an infinite loop, or far too slow)"
+    if status == "signal":
+        return f"the process running it crashed ({_signal_name(int(end.get('signal', 0)))})"
+    if status == "exit":
+        return f"the code ended the process (sys.exit, os._exit or similar; exit code {end.get('code')})"
+    if status == "output":
+        return f"the code {end.get('reason', 'sent too much output')}"
+    return "the process running it stopped unexpectedly"
+
+
+def _friendly(error: str) -> str:
+    if error.startswith("NotImplementedError"):
+        return "not answered yet (the code still raises NotImplementedError)"
+    return f"your code raised {error}"
+
+
+class SubmissionGrader:
+    """Grades submissions of one chapter with one worker; reusable across submissions.
+
+    Args:
+        chapter: the chapter spec.
+        units: :func:`build_units` of the chapter (computed once per batch).
+        worker: a started or unstarted :class:`~vitcourse.grading.sandbox.Worker`.
+        version: a hash of the specs and the grader, stored with each result.
+    """
+
+    def __init__(self, chapter: Chapter, units: list[Unit], worker: Worker, version: str,
+                 limits: Limits | None = None) -> None:
+        self.chapter, self.units, self.worker, self.version = chapter, units, worker, version
+        self.limits = limits or Limits()
+        self.blobs: list[bytes] = []
+        self.tasks = [{"id": u.id, "group": u.exercise, "tree": pack_tree(u.case.task, self.blobs)} for u in units]
+        self.answer_names = {n for ex in chapter.exercises for n in ex.answers}
+
+    def _ensure_worker(self) -> None:
+        if self.worker.proc is None or self.worker.proc.poll() is not None:
+            self.worker.close()
+            self.worker.start()
+
+    def grade(self, path: Path, student: str, sha256: str) -> StudentResult:
+        """Grade one notebook file; never raises for anything the submission contains."""
+        result = StudentResult(student, path.name, sha256, self.chapter.name, self.version, self.worker.sandbox)
+        nb = read_cells(path)
+        result.problems += nb.problems
+        statements, problems = select_statements(nb, self.answer_names)
+        result.problems += problems
+        outcomes = self._execute(statements, result) if nb.cells else {}
+        for ex in self.chapter.exercises:
+            result.maximum[ex.id] = ex.points
+            result.scores[ex.id] = 0.0
+        for unit in self.units:
+            earned, message = self._score(unit, outcomes.get(unit.id), nb.cells)
+            result.scores[unit.exercise] += earned
+            result.checks.append(CheckResult(unit.exercise, unit.description, unit.hidden,
+                                             round(unit.points, 2), round(earned, 2), message))
+        result.scores = {k: round(v, 2) for k, v in result.scores.items()}
+        return result
+
+    def _score(self, unit: Unit, outcome, has_cells: bool) -> tuple[float, str]:
+        if not has_cells:
+            return 0.0, "the notebook could not be read"
+        if outcome is None:
+            return 0.0, "the check did not run"
+        ok, payload = outcome
+        if not ok:
+            return 0.0, payload
+        try:
+            problem = unit.case.compare(payload, unit.case.expected)
+        except Exception as err:  # noqa: BLE001 - an odd value must not stop the batch
+            problem = f"the result could not be compared ({type(err).__name__})"
+        return (unit.points, "") if problem is None else (0.0, problem)
+
+    def _execute(self, statements, result: StudentResult) -> dict[str, tuple[bool, object]]:
+        """Run statements and tasks, resuming after every crash; return ``{unit id: (ok, value or reason)}``."""
+        outcomes: dict[str, tuple[bool, object]] = {}
+        by_id = {s.id: s for s in statements}
+        skipped: set[str] = set()
+        reported: set[str] = set()
+        budgets = {"setup": self.limits.setup_seconds}
+        budgets.update({ex.id: self.limits.exercise_seconds for ex in self.chapter.exercises})
+        groups = {u.id: u.exercise for u in self.units}
+        worker_deaths = 0
+        for _ in range(len(statements) + len(self.units) + 3):
+            for u in self.units:
+                if u.id not in outcomes and budgets[u.exercise] <= 0:
+                    outcomes[u.id] = (False, f"the time limit of exercise {u.exercise} "
+                                             f"({self.limits.exercise_seconds:g} s) was used up by earlier checks")
+            tasks = [t for t in self.tasks if t["id"] not in outcomes]
+            if not tasks:
+                break
+            job_statements = [{"id": s.id, "src": s.src, "file": s.file, "line": s.line, "group": "setup"}
+                              for s in statements if s.id not in skipped]
+            job = {"statements": job_statements, "tasks": tasks, "budgets": budgets,
+                   "limits": self._limits(budgets)}
+            progress = len(outcomes) + len(skipped)
+            current = None
+            try:
+                self._ensure_worker()
+                overall = sum(max(b, 0) for b in budgets.values()) + 60
+                for header, blobs in self.worker.run(job, self.blobs, overall):
+                    if header.get("kind") == "end":
+                        budgets = {g: min(budgets[g], float(header.get("budgets", {}).get(g, budgets[g])))
+                                   for g in budgets}
+                        unit = header.get("unit")
+                        if unit in by_id and unit not in skipped:
+                            skipped.add(unit)
+                            result.problems.append(self._where(by_id[unit]) + ": " + describe_end(header, self.limits)
+                                                   + "; it was skipped")
+                        elif unit in groups and unit not in outcomes:
+                            outcomes[unit] = (False, describe_end(header, self.limits))
+                            if header.get("status") == "timeout":
+                                budgets[groups[unit]] = 0.0
+                        break
+                    unit = header.get("unit")
+                    if header.get("event") == "crash":
+                        result.problems.append(f"the grading process failed: {header.get('error')}")
+                    if header.get("event") == "begin":
+                        current = unit
+                    elif header.get("event") == "done":
+                        self._record(header, blobs, by_id, groups, outcomes, reported, result)
+            except WorkerDied as err:
+                worker_deaths += 1
+                self.worker.close()
+                if current in by_id:
+                    skipped.add(current)
+                    result.problems.append(f"{self._where(by_id[current])}: {err}; it was skipped")
+                elif current in groups and current not in outcomes:
+                    outcomes[current] = (False, f"{err} while running this check")
+                if worker_deaths >= 3:
+                    break
+            if len(outcomes) + len(skipped) == progress:  # no progress: do not loop on a broken run
+                break
+        for t in self.tasks:
+            outcomes.setdefault(t["id"], (False, "the check could not be run (the process kept failing)"))
+        return outcomes
+
+    @staticmethod
+    def _where(stmt) -> str:
+        first = stmt.src.strip().split("\n")[0][:60]
+        return f"cell {stmt.cell}, line {stmt.line} (`{first}`)"
+
+    def _record(self, header, blobs, by_id, groups, outcomes, reported, result) -> None:
+        unit = header.get("unit")
+        if unit in by_id:
+            if not header.get("ok") and unit not in reported:
+                reported.add(unit)
+                result.problems.append(f"{self._where(by_id[unit])} failed: {str(header.get('error'))[:400]}")
+        elif unit in groups and unit not in outcomes:
+            if header.get("ok"):
+                try:
+                    outcomes[unit] = (True, wire.decode_value(header.get("value"), blobs))
+                except wire.WireError as err:
+                    outcomes[unit] = (False, f"the result could not be read ({err})")
+            else:
+                outcomes[unit] = (False, _friendly(str(header.get("error"))[:400]))
+
+    def _limits(self, budgets: dict[str, float]) -> dict:
+        return {
+            "cpu": int(sum(max(b, 0) for b in budgets.values()) + 10),
+            "memory": self.limits.memory,
+            "file_size": self.limits.file_size,
+            "processes": process_limit(),
+        }
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes (how a rerun knows a submission did not change)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
