@@ -8,7 +8,8 @@ system's Chromium through Playwright, and for each page collects:
 - requests that left the machine (blocked: the book must work offline);
 - math that MathJax did not render, or rendered as an error;
 - images that did not load (``naturalWidth == 0``);
-- links to pages or anchors of the site that do not exist.
+- links to pages or anchors of the site that do not exist;
+- exercise solutions that are not closed at first, or do not open on a click.
 
 It also follows the sidebar from the front page to find every page the
 navigation reaches, runs a query on the search page, and can save a full-page
@@ -92,6 +93,7 @@ class SiteReport:
     screenshots: list[Path] = field(default_factory=list)
     math_pages: list[str] = field(default_factory=list)
     image_count: int = 0
+    solutions_opened: int = 0
 
     def add(self, page: str, message: str) -> None:
         """Record one problem on ``page``."""
@@ -282,6 +284,30 @@ class BookChecker:
             page.screenshot(path=str(screenshot), full_page=True)
             report.screenshots.append(screenshot)
 
+        self._check_solutions(rel)
+
+    def _check_solutions(self, rel: str) -> None:
+        """Every exercise solution must start closed and open when its toggle is clicked."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        solutions = self.page.locator(".admonition.solution")
+        for i in range(solutions.count()):
+            solution = solutions.nth(i)
+            body = solution.locator(":scope > :not(.admonition-title)").first
+            if body.is_visible():
+                self._report.add(rel, f"solution {i + 1} is shown before the reader asks for it")
+                continue
+            toggle = solution.locator("button.toggle-button")
+            if toggle.count() == 0:
+                self._report.add(rel, f"solution {i + 1} has no button to open it")
+                continue
+            toggle.first.click()
+            try:
+                body.wait_for(state="visible", timeout=3000)
+                self._report.solutions_opened += 1
+            except PlaywrightTimeout:
+                self._report.add(rel, f"solution {i + 1} does not open when its button is clicked")
+
     def _link_problem(self, url: str) -> str | None:
         """Why a link to the site is broken (missing file or anchor), or None if it is fine."""
         target, fragment = urldefrag(url)
@@ -369,7 +395,7 @@ def main(argv: list[str]) -> int:
     report = check_site(site)
     print(f"{len(report.pages)} pages, {report.image_count} images, math on {len(report.math_pages)} pages; "
           f"navigation reaches {len(report.nav_reached)} pages; "
-          f"search 'attention' finds {len(report.search_hits)}.")
+          f"search 'attention' finds {len(report.search_hits)}; {report.solutions_opened} solutions opened.")
     if report.problems:
         print(report.summary())
         return 1

@@ -68,6 +68,9 @@ def test_every_page_of_the_book_works_in_a_browser(site: Path) -> None:
     assert "book/ch01_attention.html" in report.search_hits, (
         f"searching 'attention' should find the attention chapter; it found {report.search_hits}"
     )
+    solutions = sum(p.read_text(encoding="utf-8").count('class="solution admonition')
+                    for p in site.rglob("*.html"))
+    assert report.solutions_opened == solutions, "every exercise solution opens on a click"
     assert sorted(p.name for p in report.screenshots) == sorted(Path(c).stem + ".png" for c in chapters)
     for shot in report.screenshots:
         assert shot.stat().st_size > 10_000, f"{shot} looks empty"
@@ -91,6 +94,11 @@ def test_the_checker_catches_a_broken_page(site: Path, tmp_path: Path) -> None:
 
     # A missing figure; a script that fails; a link to nowhere; a request to the internet.
     _inject(book / "setup.html", '<img src="../_images/no-such-figure.png" alt="missing figure">')
+    # A solution whose styling keeps it open, and one that opens normally.
+    _inject(book / "intro.html", '<div class="solution admonition"><p class="admonition-title">Solution</p>'
+                                 '<section><p>Opens on a click.</p></section></div>')
+    _inject(book / "setup.html", '<div class="solution admonition"><p class="admonition-title">Solution</p>'
+                                 '<section style="visibility: visible !important; height: auto !important"><p>Always shown.</p></section></div>')
     _inject(book / "references.html", "<script>console.error('deliberate console error');</script>"
                                       "<script>notDefinedAnywhere();</script>")
     _inject(book / "ch02_patching.html", '<a href="ch99_missing.html">gone</a><a href="intro.html#no-such-part">x</a>'
@@ -116,6 +124,8 @@ def test_the_checker_catches_a_broken_page(site: Path, tmp_path: Path) -> None:
     assert "book/intro.html" not in found, f"an untouched page was reported: {found.get('book/intro.html')}"
     assert has("book/setup.html", r"image did not load: \.\./_images/no-such-figure\.png"), found
     assert has("book/setup.html", r"HTTP 404 for _images/no-such-figure\.png"), found
+    assert has("book/setup.html", r"solution 1 is shown before the reader asks for it"), found
+    assert report.solutions_opened == 1, "the intro's well-formed solution opened"
     assert has("book/references.html", r"console error: deliberate console error"), found
     assert has("book/references.html", r"JavaScript error: .*notDefinedAnywhere"), found
     assert has("book/ch02_patching.html", r"broken link: book/ch99_missing\.html does not exist"), found
