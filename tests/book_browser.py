@@ -79,6 +79,7 @@ _BROKEN_IMAGES = """async () => {
 
 _META_REFRESH = re.compile(r"<meta[^>]+http-equiv=[\"']?refresh", re.IGNORECASE)
 _SIDEBAR_LINKS = """() => Array.from(document.querySelectorAll('nav.bd-docs-nav a[href]'), a => a.href)"""
+_HEADER_LINKS = """() => Array.from(document.querySelectorAll('.bd-header-article a[href]'), a => a.href)"""
 _ALL_LINKS = """() => Array.from(document.querySelectorAll('a[href]'), a => a.href)"""
 
 
@@ -94,6 +95,7 @@ class SiteReport:
     math_pages: list[str] = field(default_factory=list)
     image_count: int = 0
     solutions_opened: int = 0
+    header_links: dict[str, list[str]] = field(default_factory=dict)  # page -> links of its top bar
 
     def add(self, page: str, message: str) -> None:
         """Record one problem on ``page``."""
@@ -274,6 +276,7 @@ class BookChecker:
         for src in broken:
             report.add(rel, f"image did not load: {src}")
 
+        report.header_links[rel] = page.evaluate(_HEADER_LINKS)
         for url in sorted(set(page.evaluate(_ALL_LINKS))):
             problem = self._link_problem(url)
             if problem:

@@ -68,6 +68,20 @@ def test_every_page_of_the_book_works_in_a_browser(site: Path) -> None:
     assert "book/ch01_attention.html" in report.search_hits, (
         f"searching 'attention' should find the attention chapter; it found {report.search_hits}"
     )
+    repo = yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]
+    slug = repo["url"].removeprefix("https://github.com/")
+    for chapter in chapters:
+        notebook = Path(chapter).with_suffix(".ipynb").as_posix()
+        if not (site / "_sources" / notebook).is_file():
+            continue  # a Markdown placeholder, not yet a notebook
+        links = report.header_links[chapter]
+        expected = {
+            "Colab": f"https://colab.research.google.com/github/{slug}/blob/{repo['branch']}/{notebook}",
+            "Binder": f"https://mybinder.org/v2/gh/{slug}/{repo['branch']}?urlpath=lab/tree/{notebook}",
+            "download": f"_sources/{notebook}",
+        }
+        for name, url in expected.items():
+            assert any(link.endswith(url) for link in links), f"{chapter} has no {name} button ({url})"
     solutions = sum(p.read_text(encoding="utf-8").count('class="solution admonition')
                     for p in site.rglob("*.html"))
     assert report.solutions_opened == solutions, "every exercise solution opens on a click"
