@@ -223,6 +223,8 @@ class SubmissionGrader:
             job = {"statements": job_statements, "tasks": tasks, "budgets": budgets,
                    "limits": self._limits(budgets)}
             progress = len(outcomes) + len(skipped)
+            order = [s["id"] for s in job_statements] + [t["id"] for t in tasks]
+            finished: set[str] = set()
             current = None
             try:
                 self._ensure_worker()
@@ -231,38 +233,45 @@ class SubmissionGrader:
                     if header.get("kind") == "end":
                         budgets = {g: min(budgets[g], float(header.get("budgets", {}).get(g, budgets[g])))
                                    for g in budgets}
-                        unit = header.get("unit")
-                        if unit in by_id and unit not in skipped:
-                            skipped.add(unit)
-                            result.problems.append(self._where(by_id[unit]) + ": " + describe_end(header, self.limits)
-                                                   + "; it was skipped")
-                        elif unit in groups and unit not in outcomes:
-                            outcomes[unit] = (False, describe_end(header, self.limits))
-                            if header.get("status") == "timeout":
-                                budgets[groups[unit]] = 0.0
+                        self._blame(header.get("unit"), describe_end(header, self.limits), header, by_id,
+                                    groups, outcomes, skipped, budgets, result)
                         break
-                    unit = header.get("unit")
                     if header.get("event") == "crash":
                         result.problems.append(f"the grading process failed: {header.get('error')}")
-                    if header.get("event") == "begin":
-                        current = unit
+                    elif header.get("event") == "begin":
+                        current = header.get("unit")
                     elif header.get("event") == "done":
+                        finished.add(header.get("unit"))
                         self._record(header, blobs, by_id, groups, outcomes, reported, result)
             except WorkerDied as err:
                 worker_deaths += 1
                 self.worker.close()
-                if current in by_id:
-                    skipped.add(current)
-                    result.problems.append(f"{self._where(by_id[current])}: {err}; it was skipped")
-                elif current in groups and current not in outcomes:
-                    outcomes[current] = (False, f"{err} while running this check")
+                # every message was acknowledged before the child went on: the unit it had
+                # begun (or else the next one in order) is the one that killed the worker
+                culprit = current if current not in finished else None
+                culprit = culprit or next((u for u in order if u not in finished), None)
+                self._blame(culprit, f"{err} while running it (the code killed the grading process)", {},
+                            by_id, groups, outcomes, skipped, budgets, result)
                 if worker_deaths >= 3:
+                    for t in self.tasks:
+                        outcomes.setdefault(t["id"], (False, "not run: the submission killed the grading "
+                                                             "process three times"))
                     break
             if len(outcomes) + len(skipped) == progress:  # no progress: do not loop on a broken run
                 break
         for t in self.tasks:
             outcomes.setdefault(t["id"], (False, "the check could not be run (the process kept failing)"))
         return outcomes
+
+    def _blame(self, unit, reason, end, by_id, groups, outcomes, skipped, budgets, result) -> None:
+        """Record that ``unit`` (a statement or a check) ended its run, and why."""
+        if unit in by_id and unit not in skipped:
+            skipped.add(unit)
+            result.problems.append(f"{self._where(by_id[unit])}: {reason}; it was skipped")
+        elif unit in groups and unit not in outcomes:
+            outcomes[unit] = (False, reason)
+            if end.get("status") == "timeout":
+                budgets[groups[unit]] = 0.0
 
     @staticmethod
     def _where(stmt) -> str:

@@ -144,10 +144,20 @@ def _describe_error(err: BaseException) -> str:
         return "an error that could not be described"
 
 
-def _child(job: dict, blobs: list[bytes], out_fd: int, workdir: str) -> None:
-    """Run one job's statements and tasks, sending one message per unit to ``out_fd``."""
+def _child(job: dict, blobs: list[bytes], out_fd: int, ack_fd: int, workdir: str) -> None:
+    """Run one job's statements and tasks, sending messages to ``out_fd``.
+
+    After each message the child waits for the server's acknowledgement on ``ack_fd``:
+    by then the server has passed the message on to the grader, so whatever the student
+    code does next (even killing the server) the grader knows which unit was running.
+    """
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    send = lambda header, data=(): wire.write_frame(out_fd, wire.pack(header, list(data)))  # noqa: E731
+
+    def send(header: dict, data=()) -> None:
+        wire.write_frame(out_fd, wire.pack(header, list(data)))
+        if not os.read(ack_fd, 1):
+            os._exit(71)  # the server is gone
+
     _set_limits(job["limits"])
     no_new_processes()
     devnull = os.open(os.devnull, os.O_RDWR)
@@ -241,7 +251,8 @@ def _wipe(directory: str) -> None:
 class _Relay:
     """Split the child's byte stream into frames and follow which unit is running."""
 
-    def __init__(self, job: dict, send) -> None:
+    def __init__(self, job: dict, send, ack_fd: int) -> None:
+        self.ack_fd = ack_fd
         self.groups = {u["id"]: u["group"] for u in job["statements"] + job["tasks"]}
         self.budget = dict(job["budgets"])  # seconds left per group
         self.send = send
@@ -270,6 +281,7 @@ class _Relay:
                 return "sent bytes that are not grader messages"
             self._track(header)
             self.send({"kind": "child"}, [payload])
+            os.write(self.ack_fd, b"\x01")
         return None
 
     def _track(self, header: dict) -> None:
@@ -297,13 +309,15 @@ def _run(job: dict, blobs: list[bytes], send, scratch: str, counter: int) -> Non
     workdir = os.path.join(scratch, f"run{counter}")
     os.mkdir(workdir, 0o700)
     rfd, wfd = os.pipe()
+    ack_r, ack_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns
         code = 0
         try:
             os.setsid()
             os.close(rfd)
-            _child(job, blobs, wfd, workdir)
+            os.close(ack_w)
+            _child(job, blobs, wfd, ack_r, workdir)
         except BaseException as err:  # noqa: BLE001 - reported to the grader, never raised
             try:
                 wire.write_frame(wfd, wire.pack({"event": "crash", "error": _describe_error(err),
@@ -313,7 +327,8 @@ def _run(job: dict, blobs: list[bytes], send, scratch: str, counter: int) -> Non
             code = 70
         os._exit(code)
     os.close(wfd)
-    relay = _Relay(job, send)
+    os.close(ack_r)
+    relay = _Relay(job, send, ack_w)
     end: dict = {"kind": "end"}
     status, eof = None, False
     while True:
@@ -344,6 +359,7 @@ def _run(job: dict, blobs: list[bytes], send, scratch: str, counter: int) -> Non
             time.sleep(0.05)
     relay._close(time.monotonic())
     os.close(rfd)
+    os.close(ack_w)
     _kill_all()
     _wipe(scratch)
     end["budgets"] = relay.budget

@@ -1,0 +1,273 @@
+"""Write the adversarial grading corpus (tests/grading_corpus/ch01/*.ipynb) and its expected scores.
+
+Each submission is the chapter 1 solution notebook with a few cells changed. Run
+``python tests/grading_corpus/make_corpus.py`` after changing the ch01 solution
+notebook; ``expected.json`` holds the scores the grader must give to each file
+(``needs_sandbox`` lists files whose score relies on the sandbox hiding the disk).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SOLUTION = ROOT / "notebooks" / "solutions" / "ch01_exercises.ipynb"
+OUT = Path(__file__).resolve().parent / "ch01"
+SOFTMAX, ATTENTION, MHSA = "ch01-03", "ch01-06", "ch01-09"
+
+# attention with its own correct softmax, so a broken `softmax` costs exercise 1.1 only
+OWN_ATTENTION = '''
+def attention(q, k, v, mask=None):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return weights @ v, weights
+'''
+
+CASES: dict[str, tuple[dict, dict]] = {}
+
+
+def case(name: str, scores: tuple[float, float, float], sandbox: bool = False):
+    def register(fn):
+        CASES[name] = (fn, {"1.1": scores[0], "1.2": scores[1], "1.3": scores[2], "needs_sandbox": sandbox})
+        return fn
+    return register
+
+
+def cell(nb, cell_id):
+    return next(c for c in nb["cells"] if c.get("id") == cell_id)
+
+
+def src(nb, cell_id) -> str:
+    return "".join(cell(nb, cell_id)["source"])
+
+
+def set_src(nb, cell_id, text: str) -> None:
+    cell(nb, cell_id)["source"] = text.strip("\n")
+
+
+def method_body(nb, marker: str, extra: str) -> None:
+    """Insert ``extra`` (8-space indented lines) at the start of MHSA's method ``marker``."""
+    text = src(nb, MHSA)
+    head = f"    def {marker}"
+    start = text.index(head)
+    body = text.index("### BEGIN SOLUTION", start)
+    set_src(nb, MHSA, text[:body] + extra.strip("\n") + "\n        " + text[body:])
+
+
+@case("missing_cell", (2, 3, 0))
+def _(nb):
+    nb["cells"] = [c for c in nb["cells"] if c.get("id") != MHSA]
+
+
+@case("duplicated_cells", (2, 3, 4))
+def _(nb):
+    cells = []
+    for c in nb["cells"]:
+        cells.append(c)
+        if c.get("id") in (SOFTMAX, ATTENTION, MHSA):
+            twin = copy.deepcopy(c)
+            twin["id"] = c["id"] + "-copy"
+            cells.append(twin)
+    stub = copy.deepcopy(cell(nb, SOFTMAX))
+    stub["id"] = "stub-copy"
+    stub["source"] = "def softmax(x, dim=-1):\n    # YOUR CODE HERE\n    raise NotImplementedError()"
+    cells.append(stub)  # a leftover stub after the real answer must not win
+    nb["cells"] = cells
+
+
+@case("retyped_cell", (2, 3, 0))
+def _(nb):
+    cell(nb, MHSA)["cell_type"] = "markdown"
+    cell(nb, MHSA).pop("outputs", None)
+    cell(nb, MHSA).pop("execution_count", None)
+    cell(nb, "ch01-04")["cell_type"] = "raw"  # a retyped check cell costs nothing
+
+
+@case("syntax_errors", (2, 3, 0))
+def _(nb):
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nthis is not python (\n")
+    set_src(nb, MHSA, src(nb, MHSA).replace("return self.proj(", "return self.proj((", 1))
+
+
+@case("infinite_loop", (0.4, 3, 4))
+def _(nb):
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace(
+        "    ### BEGIN SOLUTION", "    while dim != -1:\n        pass\n    ### BEGIN SOLUTION", 1))
+
+
+@case("memory_bomb", (2, 3, 0))
+def _(nb):
+    method_body(nb, "forward", "        hoard = []\n        while True:\n            hoard.append(bytearray(50_000_000))")
+
+
+@case("huge_output", (2, 3, 0))
+def _(nb):
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace(
+        "    ### BEGIN SOLUTION", "    print('x' * 20_000_000)\n    ### BEGIN SOLUTION", 1))
+    method_body(nb, "forward", "        return torch.zeros(30_000_000)")
+    cell(nb, "ch01-12")["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "y" * 3_000_000}]
+
+
+@case("sys_exit", (2, 3, 0))
+def _(nb):
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nimport sys\nsys.exit(0)\n")
+    method_body(nb, "__init__", "        import sys\n        sys.exit(3)")
+
+
+@case("os_exit", (2, 1.8, 4))
+def _(nb):
+    set_src(nb, ATTENTION, src(nb, ATTENTION).replace(
+        "    ### BEGIN SOLUTION", "    if mask is not None:\n        import os\n        os._exit(0)\n    ### BEGIN SOLUTION", 1))
+
+
+@case("segfault", (2, 3, 0))
+def _(nb):
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nimport ctypes\n\nclass Boom:\n    ctypes.string_at(0)\n")
+    method_body(nb, "__init__", "        import ctypes\n        ctypes.string_at(0)")
+
+
+@case("kills_grader_worker", (2, 1.8, 4))
+def _(nb):
+    set_src(nb, ATTENTION, src(nb, ATTENTION).replace(
+        "    ### BEGIN SOLUTION",
+        "    if mask is not None:\n        import os, signal\n        os.kill(os.getppid(), signal.SIGKILL)\n"
+        "    ### BEGIN SOLUTION", 1))
+
+
+@case("fork_bomb", (2, 3, 0))
+def _(nb):
+    method_body(nb, "__init__", "        import os\n        while True:\n            os.fork()")
+
+
+@case("disk_search", (0, 3, 4), sandbox=True)
+def _(nb):
+    set_src(nb, SOFTMAX, '''
+import glob
+import os
+import sys
+
+
+def _steal():
+    """Look for the solution notebooks, the hidden checks or the reference code, and use them."""
+    try:
+        from vitcourse.attention import softmax as reference
+        return reference
+    except ImportError:
+        pass
+    roots = {"/work", "/root", "/home", os.getcwd(), os.path.expanduser("~")} | set(sys.path)
+    for root in roots:
+        for pattern in ("**/solutions/ch01_exercises.ipynb", "**/grading/hidden/ch01.py", "**/vitcourse/attention.py"):
+            for path in glob.glob(os.path.join(root, pattern), recursive=True)[:3]:
+                if path.endswith(".ipynb"):
+                    import json
+                    found = {}
+                    for c in json.load(open(path))["cells"]:
+                        if c["cell_type"] == "code" and "def softmax" in "".join(c["source"]):
+                            exec("import torch, math\\n" + "".join(c["source"]), found)
+                            return found["softmax"]
+                elif path.endswith("attention.py"):
+                    found = {}
+                    exec(open(path).read(), found)
+                    return found["softmax"]
+    return None
+
+
+def softmax(x, dim=-1):
+    stolen = _steal()
+    if stolen is not None:
+        return stolen(x, dim)
+    return torch.zeros_like(x)
+''')
+    set_src(nb, ATTENTION, OWN_ATTENTION)
+
+
+@case("monkeypatch_checker", (0, 3, 4))
+def _(nb):
+    set_src(nb, SOFTMAX, '''
+import numpy as np
+import numpy.testing
+import torch.testing
+
+def _always_equal(*args, **kwargs):
+    return True
+
+np.allclose = np.array_equal = _always_equal
+numpy.testing.assert_allclose = numpy.testing.assert_array_equal = lambda *a, **k: None
+torch.allclose = torch.equal = _always_equal
+torch.testing.assert_close = lambda *a, **k: None
+try:
+    import vitcourse.grading.spec as spec
+    spec.allclose = lambda *a, **k: (lambda actual, expected, where="": None)
+except Exception:
+    pass
+
+
+def softmax(x, dim=-1):
+    return x * 0 + 1  # wrong, and hoping nobody compares
+''')
+    set_src(nb, ATTENTION, OWN_ATTENTION)
+
+
+@case("fake_results", (0, 3, 4))
+def _(nb):
+    set_src(nb, SOFTMAX, '''
+import json
+import os
+import struct
+
+
+def softmax(x, dim=-1):
+    print("1.1 softmax: all checks passed, 2/2 points")
+    claim = json.dumps({"event": "done", "ok": True, "value": 1.0, "score": 2, "blobs": []}).encode()
+    frame = struct.pack(">I", 4 + len(claim)) + struct.pack(">I", len(claim)) + claim
+    for fd in range(3, 30):
+        try:
+            os.write(fd, frame)
+        except OSError:
+            pass
+    return x
+''')
+    set_src(nb, ATTENTION, OWN_ATTENTION)
+
+
+@case("naive_softmax", (1.6, 3, 4))
+def _(nb):
+    set_src(nb, SOFTMAX, '''
+def softmax(x, dim=-1):
+    e = torch.exp(x)  # overflows for large scores: one hidden check fails
+    return e / e.sum(dim=dim, keepdim=True)
+''')
+
+
+@case("training_cell_and_stray_errors", (2, 3, 4))
+def _(nb):
+    extra = [
+        {"cell_type": "code", "id": "train", "metadata": {}, "outputs": [], "execution_count": None,
+         "source": "%matplotlib inline\nfor step in range(10**9):\n    loss = torch.randn(1000).sum()"},
+        {"cell_type": "code", "id": "stray", "metadata": {}, "outputs": [], "execution_count": None,
+         "source": "undefined_name + 1\n1 / 0"},
+    ]
+    nb["cells"] = nb["cells"][:2] + extra + nb["cells"][2:]
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    base = json.loads(SOLUTION.read_text())
+    expected = {}
+    for name, (fn, scores) in CASES.items():
+        nb = copy.deepcopy(base)
+        fn(nb)
+        (OUT / f"{name}.ipynb").write_text(json.dumps(nb, indent=1) + "\n")
+        expected[name] = scores
+    good = json.dumps(base, indent=1)
+    (OUT / "invalid_json.ipynb").write_text(good[: len(good) // 2])
+    expected["invalid_json"] = {"1.1": 0, "1.2": 0, "1.3": 0, "needs_sandbox": False}
+    (OUT.parent / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
