@@ -94,7 +94,7 @@ class SiteReport:
     screenshots: list[Path] = field(default_factory=list)
     math_pages: list[str] = field(default_factory=list)
     image_count: int = 0
-    solutions_opened: int = 0
+    solutions_opened: dict[str, int] = field(default_factory=dict)  # page -> solutions opened by a click
     header_links: dict[str, list[str]] = field(default_factory=dict)  # page -> links of its top bar
 
     def add(self, page: str, message: str) -> None:
@@ -307,7 +307,7 @@ class BookChecker:
             toggle.first.click()
             try:
                 body.wait_for(state="visible", timeout=3000)
-                self._report.solutions_opened += 1
+                self._report.solutions_opened[rel] = self._report.solutions_opened.get(rel, 0) + 1
             except PlaywrightTimeout:
                 self._report.add(rel, f"solution {i + 1} does not open when its button is clicked")
 
@@ -398,7 +398,7 @@ def main(argv: list[str]) -> int:
     report = check_site(site)
     print(f"{len(report.pages)} pages, {report.image_count} images, math on {len(report.math_pages)} pages; "
           f"navigation reaches {len(report.nav_reached)} pages; "
-          f"search 'attention' finds {len(report.search_hits)}; {report.solutions_opened} solutions opened.")
+          f"search 'attention' finds {len(report.search_hits)}; {sum(report.solutions_opened.values())} solutions opened.")
     if report.problems:
         print(report.summary())
         return 1
