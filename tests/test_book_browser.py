@@ -65,6 +65,7 @@ def test_every_page_of_the_book_works_in_a_browser(site: Path) -> None:
     missing = [c for c in chapters if c not in report.nav_reached]
     assert not missing, f"the sidebar navigation does not reach {missing}"
     assert report.math_pages, "no page has math: the math check did not run"
+    assert report.image_count, "no page has an image: the image check did not run"
     assert "book/ch01_attention.html" in report.search_hits, (
         f"searching 'attention' should find the attention chapter; it found {report.search_hits}"
     )
