@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+from vitcourse.lr_finder import lr_range_test, plot_lr_range, steepest_lr
+
+
+def _regression(n=64, d=4):
+    """A least-squares problem whose largest safe SGD step is known: 2 / lambda_max of the Hessian."""
+    x = torch.randn(n, d) * torch.tensor([3.0, 1.0, 0.5, 0.2])
+    y = x @ torch.randn(d, 1)
+    hessian = 2 * x.T @ x / n  # of mean((x w - y)^2)
+    return x, y, 2 / torch.linalg.eigvalsh(hessian).max().item()
+
+
+def _sgd(params, lr):
+    return torch.optim.SGD(params, lr=lr)
+
+
+def test_sweep_is_geometric_and_the_model_is_restored():
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = [(torch.randn(16, 5), torch.randint(0, 3, (16,))) for _ in range(4)]  # cycled 5 times
+    result = lr_range_test(model, loader, start_lr=1e-6, end_lr=1e-3, num_iter=20, progress=False,
+                           diverge_factor=1e9)
+    assert not result.diverged and len(result.lrs) == 20
+    assert_close(torch.tensor(result.lrs), torch.logspace(-6, -3, 20, dtype=torch.float64))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert not model.training
+    assert len(result.raw_losses) == len(result.losses) == 20
+
+
+def test_stops_past_the_stability_limit_of_sgd():
+    x, y, limit = _regression()
+    model = nn.Linear(4, 1, bias=False)
+    result = lr_range_test(model, [(x, y)], optimizer=_sgd, loss_fn=nn.functional.mse_loss, start_lr=1e-4,
+                           end_lr=10.0, num_iter=80, progress=False)
+    assert result.diverged
+    assert result.lrs[-1] > limit  # it only blew up beyond 2 / lambda_max ...
+    assert result.steepest < limit  # ... and the suggestion is a stable step size
+    assert result.drop > 0
+
+
+def test_steepest_lr_finds_the_middle_of_a_falling_curve():
+    lrs = np.logspace(-6, 0, 121)
+    losses = 2.0 - 1.5 / (1 + np.exp(-(np.log10(lrs) + 3.2) * 3))  # falls fastest at 10**-3.2
+    losses[-10:] = np.linspace(1.0, 8.0, 10)  # the divergent tail is ignored
+    assert steepest_lr(lrs, losses) == pytest.approx(10**-3.2, rel=0.15)
+
+
+def test_flat_curve_has_no_drop():
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight.zero_()
+    inputs = torch.zeros(8, 3)  # no input signal: the loss cannot fall below ln 2 for balanced labels
+    loader = [(inputs, torch.tensor([0, 1] * 4))]
+    result = lr_range_test(model, loader, start_lr=1e-5, end_lr=1e-2, num_iter=30, progress=False)
+    assert result.drop < 1e-2
+
+
+def test_plot_has_log_axis_and_labels():
+    result = lr_range_test(nn.Linear(3, 2), [(torch.randn(8, 3), torch.randint(0, 2, (8,)))], num_iter=10,
+                           progress=False)
+    ax = plot_lr_range(result, label="tiny")
+    assert ax.get_xscale() == "log" and ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+
+
+def test_bad_arguments():
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="start_lr"):
+        lr_range_test(model, [], start_lr=1.0, end_lr=0.1)
+    with pytest.raises(ValueError, match="no batches"):
+        lr_range_test(model, [], progress=False)
+    with pytest.raises(ValueError, match="equal length"):
+        steepest_lr(np.ones(3), np.ones(4))
