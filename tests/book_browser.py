@@ -371,11 +371,16 @@ class BookChecker:
         report = self._report
         report.pages = list(pages) if pages is not None else site_pages(self.site)
         shots = set(screenshot_pages)
+        from playwright.sync_api import Error as PlaywrightError
+
         for rel in report.pages:
             shot = None
             if screenshot_dir is not None and rel in shots:
                 shot = screenshot_dir / (Path(rel).stem + ".png")
-            self.check_page(rel, screenshot=shot)
+            try:
+                self.check_page(rel, screenshot=shot)
+            except PlaywrightError as exc:  # a page that hangs or crashes must not hide the others
+                report.add(rel, f"page could not be checked: {exc.message.splitlines()[0]}")
         if navigate:
             report.nav_reached = self.navigation()
         if search_query:
