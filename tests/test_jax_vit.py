@@ -227,6 +227,23 @@ def test_learning_rate_schedule_is_called_with_the_step_count():
     np.testing.assert_allclose(params["w"], 1.0 - 3 * 0.1, rtol=1e-6)
 
 
+def test_warmup_cosine_matches_torch_schedulers():
+    warmup, total, lr = 5, 23, 0.1
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    reference = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=1 / warmup, total_iters=warmup - 1),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup),
+    ], milestones=[warmup])
+    expected = []
+    for _ in range(total):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        reference.step()
+    schedule = jv.warmup_cosine(lr, warmup, total)
+    actual = [float(schedule(jnp.asarray(k))) for k in range(total)]
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_dropout_needs_a_key_and_follows_it():
     config = ViTConfig(image_size=16, patch_size=4, dim=32, depth=2, heads=2, mlp_dim=40, dropout=0.3, drop_path=0.2)
     params = jv.from_torch(_model(config))

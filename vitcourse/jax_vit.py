@@ -66,11 +66,13 @@ __all__ = [
     "sgd",
     "adamw",
     "decay_mask",
+    "warmup_cosine",
     "clip_by_global_norm",
     "make_train_step",
     "evaluate",
     "from_torch",
     "to_torch",
+    "benchmark_train_steps",
 ]
 
 Params = Any
@@ -396,6 +398,22 @@ def adamw(
     return Optimizer(init, update)
 
 
+def warmup_cosine(lr: float, warmup_steps: int, total_steps: int) -> Schedule:
+    """Linear warmup to ``lr`` over ``warmup_steps`` updates, then cosine decay to 0 at ``total_steps``.
+
+    The schedule of :mod:`vitcourse.train`: update ``k`` (counting from 0) uses
+    ``lr * (k + 1) / warmup_steps`` during warmup, then
+    ``lr * (1 + cos(pi * (k - warmup_steps) / (total_steps - warmup_steps))) / 2``.
+    """
+
+    def schedule(step: jax.Array) -> jax.Array:
+        warm = (step + 1) / max(warmup_steps, 1)
+        progress = jnp.minimum((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+        return lr * jnp.where(step < warmup_steps, warm, 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+
+    return schedule
+
+
 def clip_by_global_norm(grads: Params, max_norm: float) -> Params:
     """Scale all gradients by ``min(1, max_norm / (norm + 1e-6))``, like ``torch.nn.utils.clip_grad_norm_``.
 
@@ -573,3 +591,70 @@ def to_torch(params: Params, config: ViTConfig) -> VisionTransformer:
             )
     model.load_state_dict(sd, strict=True)
     return model.eval()
+
+
+# ---------------------------------------------------------------- speed
+
+
+def benchmark_train_steps(
+    config: ViTConfig, batch_size: int = 128, rounds: int = 7, steps: int = 3, seed: int = 0
+) -> dict:
+    """Time the jitted JAX train step against the PyTorch train step on the same model, weights and batch.
+
+    Both steps do the same work: forward, cross-entropy (label smoothing 0.1),
+    backward, gradient clipping at norm 1, an AdamW update. Both are warmed up
+    first (JAX's first call compiles), then ``rounds`` rounds alternate between
+    the frameworks, ``steps`` steps each, so slow phases of a shared machine hit both.
+
+    Returns:
+        ``{"torch": [...], "jax": [...]}`` seconds per step in each round, ``"ratios"``
+        (torch time / JAX time per round), ``"median_ratio"`` (above 1: JAX is faster),
+        and ``"compile_seconds"``, the time of JAX's first (compiling) call.
+    """
+    import time
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(config).train()
+    torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, config.in_channels, config.image_size, config.image_size, generator=g)
+    labels = torch.randint(0, config.num_classes, (batch_size,), generator=g)
+
+    def torch_step() -> None:
+        torch_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels, label_smoothing=0.1).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch_opt.step()
+
+    optimizer = adamw(1e-4)
+    params = from_torch(model)
+    state = {"params": params, "opt": optimizer.init(params)}
+    jax_step_fn = make_train_step(config, optimizer, label_smoothing=0.1, clip_norm=1.0)
+    x, y = jnp.asarray(images.numpy()), jnp.asarray(labels.numpy())
+    key = jax.random.key(seed) if config.dropout or config.drop_path else None
+
+    def jax_step() -> jax.Array:
+        state["params"], state["opt"], loss = jax_step_fn(state["params"], state["opt"], x, y, key)
+        return loss
+
+    tick = time.perf_counter()
+    jax_step().block_until_ready()  # trace + compile + run once
+    compile_seconds = time.perf_counter() - tick
+    torch_step()  # warm-up: allocator, thread pool
+
+    def timed(run) -> float:
+        tick = time.perf_counter()
+        for _ in range(steps):
+            out = run()
+        if out is not None:
+            out.block_until_ready()  # JAX dispatches asynchronously: wait for the result
+        return (time.perf_counter() - tick) / steps
+
+    times = {"torch": [], "jax": []}
+    for _ in range(rounds):
+        times["torch"].append(timed(torch_step))
+        times["jax"].append(timed(jax_step))
+    ratios = [t / j for t, j in zip(times["torch"], times["jax"])]
+    return {**times, "ratios": ratios, "median_ratio": float(np.median(ratios)), "compile_seconds": compile_seconds}
