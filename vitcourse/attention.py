@@ -103,6 +103,11 @@ class MultiHeadSelfAttention(nn.Module):
     Shapes:
         input ``(B, N, D)`` -> output ``(B, N, D)``. With ``return_weights=True``
         the explicit path also returns weights of shape ``(B, h, N, N)``.
+
+    A query whose keys are *all* masked out has no defined attention: the
+    explicit path gives ``nan`` for it (like :func:`torch.softmax`), while
+    recent PyTorch versions of the fused kernel give zeros. Do not rely on
+    either; make sure every query may attend to at least one key.
     """
 
     def __init__(
