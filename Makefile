@@ -33,3 +33,7 @@ linkcheck: $(STAMP)
 
 clean:
 	rm -rf _build
+
+## Regenerate the student exercise notebooks from their solution sources (notebooks/solutions/).
+student-notebooks: $(STAMP)
+	$(BIN)/vitcourse notebooks
