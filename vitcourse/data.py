@@ -43,6 +43,7 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "DataBundle",
     "DataError",
+    "CorruptDataError",
     "ImageTensorDataset",
     "data_root",
     "denormalize",
@@ -72,6 +73,10 @@ CIFAR_URL_HINT = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 class DataError(RuntimeError):
     """A dataset is missing, corrupt or malformed; the message says what to do."""
+
+
+class CorruptDataError(DataError):
+    """The dataset is there but damaged; never silently replaced by the synthetic stand-in."""
 
 
 @dataclass
@@ -132,7 +137,7 @@ class ImageTensorDataset(Dataset):
         if isinstance(key, tuple):
             index, seed = key
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # CPU generator only, restored afterwards
                 image = self.transform(self.get_image(int(index)))
         else:
             index = key
@@ -235,7 +240,7 @@ def _in_memory(images: np.ndarray, labels: Sequence[int], transform: Callable) -
 def make_synthetic(n: int, *, seed: int, image_size: int = 32, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """A deterministic, offline 10-class image dataset of shapes and textures.
 
-    Each image is a random background colour with one object in a random foreground colour:
+    Each image is a random dark background colour with one object in a random, brighter colour:
     a disk, a square, a triangle, a plus, a ring, horizontal / vertical / diagonal stripes, a
     checkerboard or a grid of dots, at a random position and size, plus pixel noise. Colours
     are independent of the class, so a model has to look at shape and texture, not mean colour.
@@ -271,9 +276,9 @@ def _draw(labels: np.ndarray, rng: np.random.Generator, s: int) -> np.ndarray:
     period = rng.uniform(0.18, 0.3, b).astype(f32) * s  # stripe / checker / dot spacing
     phase = rng.uniform(0, 1, b).astype(f32) * period
     flip = rng.integers(0, 2, b).astype(f32) * 2 - 1  # direction of the diagonal stripes
-    background = rng.uniform(0, 1, (b, 1, 1, 3)).astype(f32)
-    foreground = rng.uniform(0, 1, (b, 1, 1, 3)).astype(f32)
-    noise = rng.standard_normal((b, s, s, 3), dtype=f32) * 0.08
+    background = rng.uniform(0.0, 0.45, (b, 1, 1, 3)).astype(f32)  # darker than any object
+    foreground = rng.uniform(0.55, 1.0, (b, 1, 1, 3)).astype(f32)
+    noise = rng.standard_normal((b, s, s, 3), dtype=f32) * 0.05
 
     mask = np.zeros((b, s, s), dtype=bool)
     for kind in range(len(SYNTHETIC_CLASSES)):
@@ -283,9 +288,6 @@ def _draw(labels: np.ndarray, rng: np.random.Generator, s: int) -> np.ndarray:
             dy, dx = yy - cy[i, None, None], xx - cx[i, None, None]  # (k, s, s) offsets from the centre
             mask[i] = _shape_mask(kind, dy, dx, r, p, ph, flip[i, None, None])
 
-    # keep the two colours apart, so that every object is visible
-    close = np.abs(foreground - background).sum(-1, keepdims=True) < 0.6
-    foreground = np.where(close, 1.0 - background, foreground)
     image = np.where(mask[..., None], foreground, background) + noise  # (b, s, s, 3)
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
@@ -320,11 +322,27 @@ def _shape_mask(kind: int, dy, dx, r, p, ph, flip) -> np.ndarray:
     return box & (np.hypot((dy + ph) % p - p / 2, (dx + ph) % p - p / 2) <= 0.22 * p)
 
 
+SYNTHETIC_VERSION = 2  # bump when make_synthetic changes, so stale caches are not used
+
+
 @functools.lru_cache(maxsize=2)
 def _synthetic_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The fixed synthetic train pool and test set (generated once per process)."""
+    """The fixed synthetic train pool and test set, cached in memory and in :func:`data_root` on disk."""
+    path = data_root() / f"synthetic-v{SYNTHETIC_VERSION}-{image_size}px.npz"
+    try:
+        with np.load(path) as f:
+            return f["images"], f["labels"], f["test_images"], f["test_labels"]
+    except (OSError, KeyError, ValueError):
+        pass  # not cached yet (or unreadable): generate
     images, labels = make_synthetic(SYNTHETIC_TRAIN, seed=1234, image_size=image_size)
     test_images, test_labels = make_synthetic(SYNTHETIC_TEST, seed=4321, image_size=image_size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    except OSError:
+        pass  # a read-only cache only costs the few seconds of generating again
     return images, labels, test_images, test_labels
 
 
@@ -373,7 +391,7 @@ def _cifar_arrays(root: Path, download: bool) -> tuple[np.ndarray, list, np.ndar
         train = CIFAR10(str(root), train=True, download=False)
         test = CIFAR10(str(root), train=False, download=False)
     except Exception:
-        raise DataError(
+        raise CorruptDataError(
             f"CIFAR-10 in {folder} is corrupt or incomplete (a batch file is missing or fails its "
             f"checksum); delete that folder and run again to download a fresh copy."
         ) from None
@@ -487,7 +505,7 @@ def load_data(
         val_size: images moved from the training set into the validation set (seeded).
         seed: seed of the train/validation split (and of ``subset``).
         augment: ``"none"``, ``"basic"`` or ``"strong"``, for the training split only.
-        allow_synthetic: if CIFAR-10 is unavailable, warn in one sentence and use :func:`make_synthetic` data.
+        allow_synthetic: if CIFAR-10 is absent and cannot be downloaded (not if it is corrupt), warn in one sentence and use :func:`make_synthetic` data.
         subset: keep only this many (seeded, random) training images.
         download: try to download CIFAR-10 when it is absent.
 
@@ -503,7 +521,7 @@ def load_data(
         try:
             return _cifar10(root, image_size, augment, val_size, seed, subset, download)
         except DataError as err:
-            if not allow_synthetic:
+            if not allow_synthetic or isinstance(err, CorruptDataError):
                 raise
             warnings.warn(f"{err} Using the offline synthetic stand-in instead.", stacklevel=2)
             return _synthetic(image_size, augment, val_size, seed, subset)

@@ -1,0 +1,283 @@
+"""Tests for vitcourse.train: schedules, exact resume after SIGKILL, budgets, DDP, the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from vitcourse import ViTConfig
+from vitcourse.train import (
+    CONFIGS,
+    TIMING_FIELDS,
+    ConfigMismatch,
+    EpochBatches,
+    TrainConfig,
+    _scheduler,
+    build_model,
+    read_metrics,
+    train,
+)
+
+TINY = TrainConfig(
+    name="tiny", vit=ViTConfig(dim=32, depth=2, heads=2, mlp_dim=64), data="synthetic", subset=256, val_size=200,
+    batch_size=32, epochs=3, warmup_epochs=1, lr=2e-3, augment="basic", label_smoothing=0.1, seed=0,
+)
+TINY_SRC = (
+    "from vitcourse import ViTConfig\nfrom vitcourse.train import TrainConfig\n"
+    "TINY = TrainConfig(name='tiny', vit=ViTConfig(dim=32, depth=2, heads=2, mlp_dim=64), data='synthetic', "
+    "subset=256, val_size=200, batch_size=32, epochs=3, warmup_epochs=1, lr=2e-3, augment='basic', label_smoothing=0.1, seed=0)\n"
+)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(tmp_path_factory, monkeypatch):
+    """One thread (identical numerics in and out of subprocesses) and a shared synthetic-data cache."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("VITCOURSE_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def _run_script(tmp_path: Path, body: str) -> subprocess.Popen:
+    script = tmp_path / "child.py"
+    script.write_text("import torch\ntorch.set_num_threads(1)\n" + TINY_SRC + textwrap.dedent(body))
+    return subprocess.Popen([sys.executable, str(script)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa = torch.load(a, weights_only=False)["model"]
+    wb = torch.load(b, weights_only=False)["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=f"parameter {k} differs")
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=0.1)
+    cfg = TINY.replace(lr=0.1, warmup_epochs=2)
+    sched = _scheduler(cfg, opt, total_steps=100, steps_per_epoch=10)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # independent reference: linear warmup over 20 steps, then half a cosine over the remaining 80
+    expected = [0.1 * (s + 1) / 20 if s < 20 else 0.05 * (1 + math.cos(math.pi * (s - 20) / 80)) for s in range(100)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert max(lrs) == pytest.approx(0.1)
+
+
+def test_onecycle_and_multistep_schedules():
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([param], lr=1.0)
+    sched = _scheduler(TINY.replace(schedule="onecycle", max_lr=0.02, pct_start=0.25), opt, 40, 10)
+    lrs = [opt.param_groups[0]["lr"]] + [(opt.step(), sched.step(), opt.param_groups[0]["lr"])[2] for _ in range(39)]
+    # torch's OneCycleLR peaks after pct_start * total - 1 steps
+    assert max(lrs) == pytest.approx(0.02) and lrs.index(max(lrs)) == 9 and lrs[-1] < 1e-5
+    opt = torch.optim.Adam([param], lr=1.0)
+    sched = _scheduler(TINY.replace(schedule="multistep", milestones=(0.5, 0.75), gamma=0.1, lr=1.0), opt, 40, 10)
+    lrs = [opt.param_groups[0]["lr"]] + [(opt.step(), sched.step(), opt.param_groups[0]["lr"])[2] for _ in range(39)]
+    assert lrs[19] == 1.0 and lrs[20] == pytest.approx(0.1) and lrs[30] == pytest.approx(0.01)
+
+
+def test_epoch_batches_cover_the_data_and_split_across_processes():
+    whole = [b for b in EpochBatches(100, 20, seed=1, epoch=2)]
+    assert len(whole) == 5 and sorted(i for b in whole for i, _ in b) == list(range(100))
+    again = [b for b in EpochBatches(100, 20, seed=1, epoch=2)]
+    assert whole == again and whole != list(EpochBatches(100, 20, seed=1, epoch=3))
+    assert list(EpochBatches(100, 20, seed=1, epoch=2, start=3)) == whole[3:]
+    rank0 = list(EpochBatches(100, 20, seed=1, epoch=2, rank=0, world=2))
+    rank1 = list(EpochBatches(100, 20, seed=1, epoch=2, rank=1, world=2))
+    assert [a + b for a, b in zip(rank0, rank1)] == whole
+
+
+def test_models_by_name():
+    x = torch.randn(2, 3, 32, 32)
+    assert build_model(TINY, 7)(x).shape == (2, 7)
+    assert build_model(TINY.replace(model="cnn"), 5)(x).shape == (2, 5)
+    ultimus = pytest.importorskip("vitcourse.ultimus")
+    assert build_model(TINY.replace(model="ultimus"), 10)(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model(TINY.replace(model="ultimus_nope"), 10)
+    assert "ultimus" in ultimus.VARIANTS
+
+
+def test_named_configs_are_valid():
+    assert {"quick", "cifar10", "ultimus"} <= set(CONFIGS)
+    from vitcourse.vit import count_parameters
+
+    assert count_parameters(build_model(CONFIGS["cifar10"], 10)) <= 4_000_000
+    u = CONFIGS["ultimus"]
+    assert (u.model, u.optimizer, u.schedule, u.epochs, u.batch_size) == ("ultimus", "adam", "onecycle", 24, 512)
+    with pytest.raises(ValueError, match="optimizer"):
+        TINY.replace(optimizer="sgd")
+    assert TrainConfig.from_dict(CONFIGS["cifar10"].to_dict()) == CONFIGS["cifar10"]
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_training_learns_and_writes_outputs(tmp_path):
+    rows = train(TINY.replace(epochs=4), tmp_path / "run", resume=False, progress=False)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows == read_metrics(tmp_path / "run")
+    assert {"epoch", "train_loss", "val_loss", "val_acc", "lr", "images_per_sec", "data"} <= rows[0].keys()
+    assert all(r["data"] == "synthetic" for r in rows)
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # above chance (10%, +-2% on 200 images) and below the initial loss ln(10) = 2.30 after 32 tiny steps
+    assert rows[-1]["val_acc"] > 0.15 and rows[-1]["val_loss"] < 2.25
+    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+    assert "data synthetic" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_finished_run_returns_stored_metrics_and_other_configs_are_refused(tmp_path):
+    rows = train(TINY.replace(epochs=1), tmp_path / "run", progress=False)
+    stamp = (tmp_path / "run" / "last.pt").stat().st_mtime_ns
+    again = train(TINY.replace(epochs=1), tmp_path / "run", progress=False)
+    assert again == rows and (tmp_path / "run" / "last.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigMismatch, match="lr"):
+        train(TINY.replace(epochs=1, lr=5e-4), tmp_path / "run", progress=False)
+    with pytest.raises(FileExistsError, match="resume"):
+        train(TINY.replace(epochs=1), tmp_path / "run", resume=False, progress=False)
+
+
+def test_max_steps_then_continue_equals_one_longer_run(tmp_path):
+    direct = train(TINY.replace(max_steps=12), tmp_path / "direct", progress=False)
+    first = train(TINY.replace(max_steps=4), tmp_path / "split", progress=False)
+    assert first[-1]["step"] == 4 and first[-1]["partial_epoch"]
+    second = train(TINY.replace(max_steps=12), tmp_path / "split", progress=False)
+    assert _without_timing(second) == _without_timing(direct)
+    assert [r["step"] for r in direct] == [8, 12]
+    _assert_same_weights(tmp_path / "direct" / "last.pt", tmp_path / "split" / "last.pt")
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    cfg = TINY.replace(checkpoint_every=3, augment="strong", mixup=0.8, cutmix=1.0, vit=TINY.vit.__class__(
+        dim=32, depth=2, heads=2, mlp_dim=64, dropout=0.1, drop_path=0.1))
+    reference = train(cfg, tmp_path / "reference", progress=False)
+    # The child trains the same config, slowed down (sleeps do not change the numbers) so the kill lands mid-run.
+    child = _run_script(tmp_path, f"""
+        import time
+        from vitcourse.train import train
+        slow = torch.optim.AdamW.step
+        def step(self, *a, **k):
+            time.sleep(0.15)
+            return slow(self, *a, **k)
+        torch.optim.AdamW.step = step
+        cfg = TINY.replace(checkpoint_every=3, augment="strong", mixup=0.8, cutmix=1.0,
+                           vit=ViTConfig(dim=32, depth=2, heads=2, mlp_dim=64, dropout=0.1, drop_path=0.1))
+        train(cfg, {str(tmp_path / 'killed')!r}, progress=False)
+    """)
+    last = tmp_path / "killed" / "last.pt"
+    deadline = time.time() + 120
+    while not (last.exists() and len(read_metrics(tmp_path / "killed")) >= 1) and time.time() < deadline:
+        assert child.poll() is None, child.communicate()[1]
+        time.sleep(0.05)
+    time.sleep(0.5)  # somewhere inside the second epoch
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    state = torch.load(last, weights_only=False)
+    assert not state["finished"], "the child finished before it was killed; the test did not test resume"
+    resumed = train(cfg, tmp_path / "killed", resume=True, progress=False)
+    assert _without_timing(resumed) == _without_timing(reference)
+    _assert_same_weights(tmp_path / "reference" / "last.pt", last)
+    _assert_same_weights(tmp_path / "reference" / "best.pt", tmp_path / "killed" / "best.pt")
+    assert not list((tmp_path / "killed").glob("*.tmp"))
+
+
+def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
+    cfg = TINY.replace(epochs=2)
+    single = train(cfg, tmp_path / "single", progress=False)
+    script = tmp_path / "ddp.py"
+    script.write_text("import torch\ntorch.set_num_threads(1)\n" + TINY_SRC + textwrap.dedent(f"""
+        from vitcourse.train import train
+        train(TINY.replace(epochs=2), {str(tmp_path / 'ddp')!r}, progress=False)
+    """))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = read_metrics(tmp_path / "ddp")
+    assert len(ddp) == len(single) == 2
+    for a, b in zip(ddp, single):
+        for key in ("train_loss", "val_loss", "val_acc", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    wa = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
+    assert len(wa["rng"]) == 2  # both processes' random states are kept for resume
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _cli(*args: str, module: str = "vitcourse.train") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], env=_env(), capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+def test_cli_quick_run_then_errors(tmp_path):
+    out = tmp_path / "quick"
+    done = _cli("--config", "quick", "--out", str(out), "--max-steps", "2", "--subset", "256", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert (out / "metrics.jsonl").exists() and (out / "last.pt").exists() and (out / "best.pt").exists()
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 2 and row["data"] == "synthetic"  # CIFAR-10 cannot be downloaded in the test sandbox
+    assert "synthetic" in done.stdout
+
+    # the same directory with other settings: a checkpoint from a different configuration
+    bad = _cli("--config", "quick", "--out", str(out), "--max-steps", "2", "--subset", "256", "--seed", "5", "--resume")
+    assert bad.returncode != 0 and "different configuration" in bad.stderr and "Traceback" not in bad.stderr
+
+    # the finished run resumed with the same settings returns at once
+    again = _cli("--config", "quick", "--out", str(out), "--max-steps", "2", "--subset", "256", "--resume", "--no-progress")
+    assert again.returncode == 0, again.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "huge"], "unknown configuration"),
+        (["--data", "/nonexistent/images"], "does not exist"),
+        (["--data", "EMPTY"], "holds no images"),
+        (["--data", "cifar10", "--data-root", "CORRUPT"], "corrupt"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(tmp_path, args, message):
+    (tmp_path / "imgs" / "empty").mkdir(parents=True)
+    folder = tmp_path / "corrupt" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "data_batch_1").write_bytes(b"not a pickle")
+    args = [a.replace("EMPTY", str(tmp_path / "imgs")).replace("CORRUPT", str(tmp_path / "corrupt")) for a in args]
+    done = _cli(*args, "--out", str(tmp_path / "out"))
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_cli_help():
+    done = _cli("--help")
+    assert done.returncode == 0 and "--max-steps" in done.stdout and "--resume" in done.stdout
