@@ -239,7 +239,7 @@ def _cli(*args: str, module: str = "vitcourse.train") -> subprocess.CompletedPro
                           timeout=300, cwd=REPO)
 
 
-def test_cli_quick_run_then_errors(tmp_path):
+def test_cli_quick_run_then_errors(tmp_path, capsys):
     out = tmp_path / "quick"
     done = _cli("--config", "quick", "--out", str(out), "--max-steps", "2", "--subset", "256", "--no-progress")
     assert done.returncode == 0, done.stderr
@@ -248,36 +248,62 @@ def test_cli_quick_run_then_errors(tmp_path):
     assert row["step"] == 2 and row["data"] == "synthetic"  # CIFAR-10 cannot be downloaded in the test sandbox
     assert "synthetic" in done.stdout
 
-    # the same directory with other settings: a checkpoint from a different configuration
-    bad = _cli("--config", "quick", "--out", str(out), "--max-steps", "2", "--subset", "256", "--seed", "5", "--resume")
-    assert bad.returncode != 0 and "different configuration" in bad.stderr and "Traceback" not in bad.stderr
+    from vitcourse.train import main
 
-    # the finished run resumed with the same settings returns at once
-    again = _cli("--config", "quick", "--out", str(out), "--max-steps", "2", "--subset", "256", "--resume", "--no-progress")
-    assert again.returncode == 0, again.stderr
+    # the same directory with other settings: a checkpoint from a different configuration
+    common = ["--config", "quick", "--out", str(out), "--max-steps", "2", "--subset", "256", "--no-progress"]
+    assert main([*common, "--seed", "5", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err and len(err.strip().splitlines()) == 1
+
+    # the finished run resumed with the same settings returns at once, without training
+    stamp = (out / "last.pt").stat().st_mtime_ns
+    assert main([*common, "--resume"]) == 0
+    assert (out / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_cli_unknown_config_is_one_line_without_traceback(tmp_path):
+    done = _cli("--config", "huge", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "unknown configuration" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--config", "huge"], "unknown configuration"),
         (["--data", "/nonexistent/images"], "does not exist"),
         (["--data", "EMPTY"], "holds no images"),
         (["--data", "cifar10", "--data-root", "CORRUPT"], "corrupt"),
+        (["--data", "cifar10", "--data-root", "MISSING", "--config", "ultimus"], "MISSING"),
     ],
 )
-def test_cli_errors_are_one_clear_line(tmp_path, args, message):
+def test_cli_errors_are_one_clear_line(tmp_path, args, message, capsys, monkeypatch):
+    from torchvision.datasets import CIFAR10
+
+    from vitcourse.train import main
+
+    def offline(self):
+        raise OSError("no network")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)  # never download in a test
     (tmp_path / "imgs" / "empty").mkdir(parents=True)
     folder = tmp_path / "corrupt" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     (folder / "data_batch_1").write_bytes(b"not a pickle")
-    args = [a.replace("EMPTY", str(tmp_path / "imgs")).replace("CORRUPT", str(tmp_path / "corrupt")) for a in args]
-    done = _cli(*args, "--out", str(tmp_path / "out"))
-    assert done.returncode != 0
-    assert message in done.stderr and "Traceback" not in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    names = {"EMPTY": tmp_path / "imgs", "CORRUPT": tmp_path / "corrupt", "MISSING": tmp_path / "missing"}
+    args = [str(names.get(a, a)) for a in args]
+    message = str(names.get(message, message))
+    assert main([*args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_cli_help():
-    done = _cli("--help")
-    assert done.returncode == 0 and "--max-steps" in done.stdout and "--resume" in done.stdout
+def test_cli_help(capsys):
+    from vitcourse.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--max-steps" in out and "--resume" in out and "--data" in out
