@@ -177,6 +177,12 @@ VARIANTS: dict[str, Callable[..., nn.Module]] = {
     "ultimus_bn_relu": partial(UltimusNet, stem_act=True, stem_norm=True),
     "ultimus_residual": partial(UltimusNet, residual=True),
     "ultimus_layernorm": partial(UltimusNet, block_norm=True),
+    # two repairs together: a nonlinear stem that sees shapes, and a path around every block
+    "ultimus_residual_relu": partial(UltimusNet, stem_act=True, residual=True),
+    "ultimus_repaired": partial(UltimusNet, stem_act=True, stem_norm=True, residual=True),
+    # everything chapters 1-4 would do: also the scale inside the softmax and pre-norm blocks
+    "ultimus_modern": partial(UltimusNet, stem_act=True, stem_norm=True, residual=True, scale="inside",
+                              block_norm=True),
 }
 
 
