@@ -238,3 +238,13 @@ def test_split_indices_rejects_impossible_sizes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_data("synthetic", subset=5, val_size=5)
+
+
+def test_unreadable_image_is_named(tmp_path):
+    root = _image_folder(tmp_path / "imgs", {"a": 3, "b": 3})
+    (root / "a" / "broken.png").write_bytes(b"definitely not a png")
+    bundle = load_data(str(root), image_size=8, val_size=1)
+    with pytest.raises(DataError, match="broken.png"):
+        for dataset in (bundle.train, bundle.val, bundle.test):
+            for i in range(len(dataset)):
+                dataset[i]

@@ -436,17 +436,18 @@ def _scan_folder(path: Path) -> tuple[list[str], list[Path], list[int]]:
 
 
 def _image_loader(files: list[Path], image_size: int) -> Callable[[int], Tensor]:
-    """``i -> uint8 (3, S, S)``: decode file ``i``, resize its short side to ``S``, centre-crop."""
-    from torchvision.io import ImageReadMode, decode_image
+    """``i -> uint8 (3, S, S)``: decode file ``i`` (with Pillow), resize its short side to ``S``, centre-crop."""
+    from PIL import Image
 
     resize = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
 
     def load(i: int) -> Tensor:
         try:
-            image = decode_image(str(files[i]), mode=ImageReadMode.RGB)  # (3, H, W) uint8
+            with Image.open(files[i]) as image:
+                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
         except Exception:
             raise DataError(f"cannot read image {files[i]}; it is corrupt or not an image: delete it.") from None
-        return resize(image)
+        return resize(torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (3, S, S)
 
     return load
 
