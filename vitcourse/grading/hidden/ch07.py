@@ -1,0 +1,30 @@
+"""Chapter 7 hidden checks: other sizes, large offsets, one head, a single example, no momentum."""
+
+from ..exercises.ch07 import attention_case, layer_norm_case, loss_case, momentum_case, patch_kernel_case
+from ..spec import Check
+
+HIDDEN = {
+    "7.1": [
+        Check("a large common offset (mean subtraction)", layer_norm_case((4, 6), offset=300.0)),
+        Check("an explicit eps argument", layer_norm_case((3, 5), eps=0.5)),
+        Check("a 3-d input", layer_norm_case((2, 3, 7))),
+    ],
+    "7.2": [
+        Check("a single head", attention_case(5, 8, 1)),
+        Check("3 heads over 10 tokens, D = 12", attention_case(10, 12, 3)),
+        Check("a single token", attention_case(1, 8, 2)),
+    ],
+    "7.3": [
+        Check("one channel, patch 5", patch_kernel_case(4, 1, 5)),
+        Check("2 channels, patch 2, D = 9", patch_kernel_case(9, 2, 2)),
+    ],
+    "7.4": [
+        Check("a single image", loss_case(1, (3, 2, 2), 4)),
+        Check("large logits (numerical stability)", loss_case(6, (1, 4, 4), 3, scale=80.0)),
+    ],
+    "7.5": [
+        Check("the gradient for one-channel images and 2 classes", loss_case(5, (1, 3, 3), 2, what="grad")),
+        Check("a step without momentum", momentum_case(0.5, 0.0)),
+        Check("a small learning rate, momentum 0.5", momentum_case(1e-3, 0.5)),
+    ],
+}
