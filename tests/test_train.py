@@ -307,3 +307,10 @@ def test_cli_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--max-steps" in out and "--resume" in out and "--data" in out
+
+
+def test_fingerprint_ignores_budget_but_not_recipe():
+    from vitcourse.train import fingerprint
+
+    assert fingerprint(TINY) == fingerprint(TINY.replace(max_steps=5, num_workers=2))
+    assert fingerprint(TINY) != fingerprint(TINY.replace(lr=1e-4))

@@ -57,6 +57,7 @@ __all__ = [
     "evaluate_model",
     "load_checkpoint",
     "read_metrics",
+    "fingerprint",
     "main",
 ]
 
@@ -431,6 +432,18 @@ def _check_same_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
             f"{path} was written by a run with a different configuration ({k}: {theirs.get(k)!r} there, "
             f"{ours.get(k)!r} now); use another output directory or the same settings."
         )
+
+
+def fingerprint(cfg: TrainConfig) -> str:
+    """A short hash of everything in ``cfg`` that changes results (not ``max_steps``, workers, paths).
+
+    Chapters name their run directories ``f"{cfg.name}-{fingerprint(cfg)}"``, so a changed
+    configuration trains afresh instead of meeting an old run's checkpoint.
+    """
+    import hashlib
+
+    values = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
