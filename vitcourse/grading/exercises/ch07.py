@@ -30,29 +30,27 @@ def jx(x: np.ndarray) -> dict:
 
 
 def tree_allclose(atol: float = 1e-5, rtol: float = 1e-4) -> Comparison:
-    """:func:`allclose` over nested dicts and lists: same keys, then every leaf compared."""
-    leaf = allclose(atol, rtol)
+    """:func:`allclose` for pytrees: the same nesting and dict keys, then every leaf in order."""
+    leaves = allclose(atol, rtol)
 
-    def compare(actual, expected, where: str = "") -> str | None:
-        if isinstance(expected, dict):
-            if not isinstance(actual, dict):
-                return f"expected a dict with keys {sorted(expected)}{where}, got a {type(actual).__name__}"
-            if set(actual) != set(expected):
-                return f"expected the keys {sorted(expected)}{where}, got {sorted(actual)}"
-            for key in expected:
-                problem = compare(actual[key], expected[key], f"{where} at [{key!r}]")
-                if problem:
-                    return problem
-            return None
-        if isinstance(expected, (list, tuple)):
-            if not isinstance(actual, list) or len(actual) != len(expected):
-                return f"expected {len(expected)} outputs{where}, got a {type(actual).__name__}"
-            for i, (a, e) in enumerate(zip(actual, expected)):
-                problem = compare(a, e, f"{where} in output {i}")
-                if problem:
-                    return problem
-            return None
-        return leaf(actual, expected, where)
+    def structure(tree):
+        if isinstance(tree, dict):
+            return {key: structure(tree[key]) for key in sorted(tree)}
+        if isinstance(tree, (list, tuple)):
+            return [structure(item) for item in tree]
+        return None
+
+    def flat(tree) -> list:
+        if isinstance(tree, dict):
+            return [leaf for key in sorted(tree) for leaf in flat(tree[key])]
+        if isinstance(tree, (list, tuple)):
+            return [leaf for item in tree for leaf in flat(item)]
+        return [tree]
+
+    def compare(actual, expected) -> str | None:
+        if structure(actual) != structure(expected):
+            return f"expected a pytree shaped like {structure(expected)} (None = array), got {structure(actual)}"
+        return leaves(flat(actual), flat(expected))
 
     return compare
 
