@@ -10,9 +10,10 @@ HIDDEN = {
         Check("a 3-d input", layer_norm_case((2, 3, 7))),
     ],
     "7.2": [
-        Check("a single head", attention_case(5, 8, 1)),
-        Check("3 heads over 10 tokens, D = 12", attention_case(10, 12, 3)),
-        Check("a single token", attention_case(1, 8, 2)),
+        # Few, similar shapes: eager JAX compiles every operation once per new shape, and all
+        # checks of an exercise share one wall-time budget.
+        Check("a single head", attention_case(7, 16, 1)),
+        Check("a single token", attention_case(1, 16, 4)),
     ],
     "7.3": [
         Check("one channel, patch 5", patch_kernel_case(4, 1, 5)),
