@@ -33,10 +33,12 @@ This module imports JAX when it is imported; ``import vitcourse`` alone never do
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 try:
     import jax
@@ -611,10 +613,6 @@ def benchmark_train_steps(
         (torch time / JAX time per round), ``"median_ratio"`` (above 1: JAX is faster),
         and ``"compile_seconds"``, the time of JAX's first (compiling) call.
     """
-    import time
-
-    import torch.nn.functional as F
-
     torch.manual_seed(seed)
     model = VisionTransformer(config).train()
     torch_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
