@@ -123,3 +123,10 @@ def test_public_check_passes_on_solutions_and_explains_failures(capsys):
         check("1.1", {"softmax": not_done})
     with pytest.raises(CheckFailed, match="largest absolute error"):
         check("1.1", {"softmax": lambda x, dim=-1: torch.softmax(x, dim) + 0.1})
+
+
+def test_wire_keeps_scalars_scalar():
+    for value in (np.float32(2.5), np.array(7), np.array([[1.0, 2.0]]).T):
+        back = wire.bytes_to_array(wire.array_to_bytes(value))
+        assert back.shape == np.asarray(value).shape
+        np.testing.assert_array_equal(back, value)

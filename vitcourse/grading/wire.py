@@ -103,7 +103,9 @@ def read_frame(fd: int, limit: int = MAX_FRAME) -> bytes | None:
 def array_to_bytes(array: np.ndarray) -> bytes:
     """``.npy`` bytes of a numeric array (no pickling)."""
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    array = np.asarray(array)
+    # np.ascontiguousarray would turn a 0-d result into shape (1,); keep scalars scalar.
+    np.save(buffer, array if array.ndim == 0 else np.ascontiguousarray(array), allow_pickle=False)
     return buffer.getvalue()
 
 
