@@ -49,6 +49,10 @@ def test_steepest_lr_finds_the_middle_of_a_falling_curve():
     losses = 2.0 - 1.5 / (1 + np.exp(-(np.log10(lrs) + 3.2) * 3))  # falls fastest at 10**-3.2
     losses[-10:] = np.linspace(1.0, 8.0, 10)  # the divergent tail is ignored
     assert steepest_lr(lrs, losses) == pytest.approx(10**-3.2, rel=0.15)
+    noisy = losses.copy()
+    noisy[:3] = [3.0, 1.0, 2.0]  # a noisy start (few batches in the running average) is skipped
+    assert steepest_lr(lrs, noisy) == pytest.approx(10**-3.2, rel=0.15)
+    assert steepest_lr(lrs, noisy, skip_start=0) < 1e-5  # without the skip the noise wins
 
 
 def test_flat_curve_has_no_drop():

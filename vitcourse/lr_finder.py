@@ -39,18 +39,21 @@ def _adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
-def steepest_lr(lrs: np.ndarray, losses: np.ndarray) -> float:
+def steepest_lr(lrs: np.ndarray, losses: np.ndarray, skip_start: int | None = None) -> float:
     """The learning rate where ``losses`` fall fastest against ``log10(lrs)``.
 
-    Only the part of the curve before its minimum is searched (past it the loss is diverging).
+    The search runs from point ``skip_start`` (default: a tenth of the curve, where the running
+    average still rests on a few batches) up to the minimum (past it the loss is diverging).
     ``lrs`` and ``losses`` are 1-D arrays of the same length (at least 3).
     """
     lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
     if lrs.shape != losses.shape or lrs.ndim != 1 or len(lrs) < 3:
         raise ValueError(f"need two 1-D arrays of equal length >= 3, got shapes {lrs.shape} and {losses.shape}.")
-    end = max(int(np.nanargmin(losses)), 2) + 1  # up to and including the minimum
-    slope = np.gradient(losses[:end], np.log10(lrs[:end]))
-    return float(lrs[int(np.nanargmin(slope))])
+    start = len(lrs) // 10 if skip_start is None else skip_start
+    start = min(max(start, 0), len(lrs) - 3)
+    end = max(int(np.nanargmin(losses[start:])) + start, start + 2) + 1  # up to and including the minimum
+    slope = np.gradient(losses[start:end], np.log10(lrs[start:end]))
+    return float(lrs[start + int(np.nanargmin(slope))])
 
 
 @dataclass
