@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.testing import assert_close
 
-from vitcourse.lr_finder import lr_range_test, plot_lr_range, steepest_lr
+from vitcourse.lr_finder import RangeTestResult, lr_range_test, plot_lr_range, steepest_lr
 
 
 def _regression(n=64, d=4):
@@ -70,6 +70,18 @@ def test_plot_has_log_axis_and_labels():
                            progress=False)
     ax = plot_lr_range(result, label="tiny")
     assert ax.get_xscale() == "log" and ax.get_xlabel() and ax.get_ylabel() and ax.get_title()
+
+
+def test_plot_leaves_the_diverged_tail_out_of_view():
+    lrs = np.logspace(-5, 0, 30)
+    losses = np.concatenate([np.linspace(2.3, 1.5, 25), [3.0, 10.0, 40.0, 100.0, 300.0]])
+    result = RangeTestResult(lrs, losses, losses, diverged=True)
+    ax = plot_lr_range(result)
+    low, high = ax.get_ylim()
+    assert low < 1.5 and 2.3 < high < 10.0
+    other = RangeTestResult(lrs, losses + 2.0, losses + 2.0, diverged=True)
+    plot_lr_range(other, ax=ax)
+    assert ax.get_ylim()[0] == low and 4.3 < ax.get_ylim()[1] < 12.0  # merged with the first curve's range
 
 
 def test_bad_arguments():

@@ -175,10 +175,23 @@ def plot_lr_range(
     mark: bool = True,
     title: str = "Learning-rate range test",
 ) -> plt.Axes:
-    """Smoothed loss against learning rate (log axis), with the steepest point marked."""
+    """Smoothed loss against learning rate (log axis), with the steepest point marked.
+
+    The loss axis stops a little above the curve's values before its minimum, so a diverging tail
+    does not flatten the interesting part; called again on the same ``ax``, the ranges are merged.
+    """
+    prior = ax.get_ylim() if ax is not None and ax.lines else None
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
     (line,) = ax.plot(result.lrs, result.losses, label=label)
+    before_min = result.losses[: int(np.nanargmin(result.losses)) + 1]
+    low, high = float(np.nanmin(before_min)), float(np.nanmax(before_min))
+    half = max(high - low, 0.25 * abs(high)) * 0.6  # at least a quarter of the loss's size in view
+    centre = (low + high) / 2
+    low, high = centre - half, centre + half
+    if prior is not None:
+        low, high = min(low, prior[0]), max(high, prior[1])
+    ax.set_ylim(low, high)
     if mark:
         lr = result.steepest
         index = int(np.flatnonzero(result.lrs == lr)[0])
@@ -189,4 +202,5 @@ def plot_lr_range(
     ax.set_title(title)
     if label is not None or mark:
         ax.legend()
+    ax.figure.tight_layout()
     return ax
