@@ -276,6 +276,7 @@ def test_cli_unknown_config_is_one_line_without_traceback(tmp_path):
         (["--data", "EMPTY"], "holds no images"),
         (["--data", "cifar10", "--data-root", "CORRUPT"], "corrupt"),
         (["--data", "cifar10", "--data-root", "MISSING", "--config", "ultimus"], "MISSING"),
+        (["--data", "synthetic", "--model", "resnet50"], "got 'resnet50'"),
     ],
 )
 def test_cli_errors_are_one_clear_line(tmp_path, args, message, capsys, monkeypatch):
@@ -314,3 +315,16 @@ def test_fingerprint_ignores_budget_but_not_recipe():
 
     assert fingerprint(TINY) == fingerprint(TINY.replace(max_steps=5, num_workers=2))
     assert fingerprint(TINY) != fingerprint(TINY.replace(lr=1e-4))
+
+
+def test_cli_model_option_picks_the_network():
+    from vitcourse.train import _parser, build_model, config_from_args
+    from vitcourse.ultimus import SPEC_NUM_PARAMETERS
+
+    def size(model):
+        return sum(p.numel() for p in model.parameters())
+
+    cfg = config_from_args(_parser().parse_args(["--config", "ultimus", "--model", "ultimus_repaired"]))
+    assert cfg.model == "ultimus_repaired" and cfg.schedule == "onecycle"
+    assert size(build_model(cfg.replace(model="ultimus"), 10)) == SPEC_NUM_PARAMETERS
+    assert size(build_model(cfg, 10)) > SPEC_NUM_PARAMETERS  # the repair adds BatchNorm to the stem

@@ -706,6 +706,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default="quick", help=f"named configuration: {', '.join(CONFIGS)} (default: quick)")
     p.add_argument("--data", help="cifar10, synthetic, or the path of an image folder (<folder>/<class>/<image>)")
+    p.add_argument("--model", help="network: vit, cnn, or an Ultimus variant of chapter 6 (default: the config's)")
     p.add_argument("--data-root", help="CIFAR-10 cache directory (default: $VITCOURSE_DATA or ~/.cache/vitcourse/data)")
     p.add_argument("--epochs", type=int, help="epochs (sets the learning-rate schedule)")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
@@ -725,7 +726,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config not in CONFIGS:
         raise ValueError(f"unknown configuration {args.config!r}; choose one of {', '.join(CONFIGS)}.")
     cfg = CONFIGS[args.config]
-    changes = {k: getattr(args, k) for k in ("data", "data_root", "epochs", "max_steps", "batch_size", "subset",
+    changes = {k: getattr(args, k) for k in ("data", "model", "data_root", "epochs", "max_steps", "batch_size", "subset",
                                              "seed", "num_workers") if getattr(args, k) is not None}
     if args.lr is not None:
         changes["max_lr" if cfg.schedule == "onecycle" else "lr"] = args.lr
