@@ -145,9 +145,12 @@ class Worker:
         view = self.view_root / "vitcourse"
         return [
             "bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+            # The empty /tmp comes first: binds listed after it may sit inside it (a course
+            # cloned under /tmp keeps its venv and package visible).
+            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
             *_system_binds(),
             "--ro-bind", str(view), str(PACKAGE_DIR),
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--chdir", "/tmp",
+            "--chdir", "/tmp",
             "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
             "--setenv", "LANG", "C.UTF-8", "--setenv", "OMP_NUM_THREADS", "1",
             "--setenv", "MKL_NUM_THREADS", "1", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
