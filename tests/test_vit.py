@@ -30,6 +30,9 @@ def test_logits_equal_timm_in_both_directions(name):
     assert_close(ref(x), ours(x), atol=1e-5, rtol=1e-5)
 
     fresh_timm = timm_vit(cfg).eval()
+    with torch.no_grad():  # the same for timm's own initialisation, so zero biases cannot hide a layout error
+        for p in fresh_timm.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     back = from_timm(fresh_timm, cfg).eval()
     assert_close(back(x), fresh_timm(x), atol=1e-5, rtol=1e-5)
     assert set(back.state_dict()) == set(fresh_timm.state_dict())
@@ -65,6 +68,7 @@ def test_known_sizes():
     # ViT-B/16 at 224 px with 1000 classes has 86,567,656 parameters (timm's vit_base_patch16_224).
     assert expected_num_parameters(PRESETS["vit-base"]) == 86_567_656
     assert expected_num_parameters(PRESETS["vit-tiny"]) == 5_717_416
+    assert expected_num_parameters(PRESETS["vit-small"]) == 22_050_664
 
 
 def test_forward_shapes_and_attention_maps():

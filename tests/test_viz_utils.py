@@ -40,8 +40,12 @@ def test_plots_draw_titled_labelled_axes():
     ax = viz.plot_attention(torch.softmax(torch.randn(4, 4), -1), labels=list("abcd"))
     assert ax.get_title() and ax.get_ylabel() == "query (attending)"
     assert len(ax.texts) == 16
-    fig = viz.plot_attention_heads(torch.softmax(torch.randn(3, 5, 5), -1))
+    weights = torch.softmax(torch.randn(3, 5, 5), -1)
+    fig = viz.plot_attention_heads(weights)
     assert fig._suptitle.get_text()
+    images = [im for a in fig.axes for im in a.images]
+    assert len(images) == 3 and {im.get_clim() for im in images} == {(0.0, float(weights.max()))}  # one scale
+    assert any(a.get_ylabel() == "attention weight" for a in fig.axes)  # the colour bar says what it shows
     fig = viz.plot_patches(img, 8)
     assert len(fig.axes) == 16
     fig = viz.plot_position_similarity(torch.randn(1, 17, 8))

@@ -26,10 +26,11 @@ def check_image_size(height: int, width: int, patch_size: int) -> tuple[int, int
     if patch_size < 1:
         raise ValueError(f"patch_size must be a positive integer, got {patch_size}.")
     if height % patch_size or width % patch_size:
+        allowed = _divisors(height, width)
+        hint = f" (for example one of {allowed})" if allowed else " (these sides have no common divisor above 1)"
         raise ValueError(
             f"image size {height}x{width} is not divisible by patch size {patch_size}; "
-            f"use a patch size that divides both sides (for example one of "
-            f"{_divisors(height, width)}) or resize the image."
+            f"use a patch size that divides both sides{hint} or resize the image."
         )
     return height // patch_size, width // patch_size
 

@@ -41,7 +41,9 @@ def timm_vit(config: ViTConfig) -> nn.Module:
         drop_path_rate=c.drop_path,
     )
     hidden = model.blocks[0].mlp.fc1.out_features if c.depth else c.mlp_dim
-    assert hidden == c.mlp_dim, f"timm built an MLP of width {hidden}, expected {c.mlp_dim}"
+    if hidden != c.mlp_dim:  # a ValueError, not an assert: `python -O` must not skip this check
+        raise ValueError(f"timm built an MLP of width {hidden} for mlp_dim={c.mlp_dim}; "
+                         f"this timm version rounds mlp_ratio differently, so pass a config timm can build.")
     return model
 
 

@@ -64,22 +64,34 @@ def plot_attention(
     return ax
 
 
-def plot_attention_heads(weights: Tensor, title: str = "Attention per head", cols: int = 4) -> plt.Figure:
-    """One heatmap per head for a ``(heads, n_q, n_k)`` tensor; returns the figure."""
+def plot_attention_heads(weights: Tensor, title: str = "Attention per head", cols: int = 4,
+                         shared_scale: bool = True) -> plt.Figure:
+    """One heatmap per head for a ``(heads, n_q, n_k)`` tensor, with a colour bar; returns the figure.
+
+    With ``shared_scale`` every head uses one colour range, from 0 to the largest
+    weight of any head, so a nearly uniform head looks uniform instead of being
+    stretched to the full colour range.
+    """
     heads = weights.shape[0]
     cols = min(cols, heads)
     rows = math.ceil(heads / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    maps = weights.detach().cpu().float().numpy()
+    vmax = float(maps.max()) if shared_scale else None
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.0 * rows), squeeze=False)
     for h, ax in enumerate(axes.flat):
         if h < heads:
-            ax.imshow(weights[h].detach().cpu().float().numpy(), cmap="viridis")
+            im = ax.imshow(maps[h], cmap="viridis", vmin=0.0 if shared_scale else None, vmax=vmax)
             ax.set_title(f"head {h}")
             ax.set_xlabel("key")
             ax.set_ylabel("query")
+            if not shared_scale:
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="weight")
         else:
             ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
+    if shared_scale:
+        fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02, label="attention weight")
     return fig
 
 
