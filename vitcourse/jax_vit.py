@@ -33,6 +33,7 @@ This module imports JAX when it is imported; ``import vitcourse`` alone never do
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Callable, Iterable, NamedTuple
 
@@ -611,7 +612,9 @@ def benchmark_train_steps(
     Returns:
         ``{"torch": [...], "jax": [...]}`` seconds per step in each round, ``"ratios"``
         (torch time / JAX time per round), ``"median_ratio"`` (above 1: JAX is faster),
-        and ``"compile_seconds"``, the time of JAX's first (compiling) call.
+        ``"compile_seconds"``, the time of JAX's first (compiling) call, and the
+        threads each framework may use (``"torch_threads"``; XLA's CPU backend uses
+        every core, ``"cpu_count"``), so a reader can see that the comparison is even.
     """
     torch.manual_seed(seed)
     model = VisionTransformer(config).train()
@@ -655,4 +658,5 @@ def benchmark_train_steps(
         times["torch"].append(timed(torch_step))
         times["jax"].append(timed(jax_step))
     ratios = [t / j for t, j in zip(times["torch"], times["jax"])]
-    return {**times, "ratios": ratios, "median_ratio": float(np.median(ratios)), "compile_seconds": compile_seconds}
+    return {**times, "ratios": ratios, "median_ratio": float(np.median(ratios)), "compile_seconds": compile_seconds,
+            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
