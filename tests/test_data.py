@@ -248,3 +248,18 @@ def test_unreadable_image_is_named(tmp_path):
         for dataset in (bundle.train, bundle.val, bundle.test):
             for i in range(len(dataset)):
                 dataset[i]
+
+
+def test_unreadable_image_in_a_loader_worker_is_still_one_sentence(tmp_path):
+    root = tmp_path / "imgs"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            (root / name / f"junk{i}.png").write_bytes(b"definitely not a png")
+    bundle = load_data(str(root), image_size=8, val_size=1)
+    loader = torch.utils.data.DataLoader(bundle.train, batch_size=2, num_workers=1)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    message = str(caught.value)  # not PyTorch's "Caught DataError in DataLoader worker ... Original Traceback"
+    assert message.startswith("cannot read image ") and "junk" in message and "delete it" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 1

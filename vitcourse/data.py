@@ -72,7 +72,19 @@ CIFAR_URL_HINT = "https://www.cs.toronto.edu/~kriz/cifar.html"
 
 
 class DataError(RuntimeError):
-    """A dataset is missing, corrupt or malformed; the message says what to do."""
+    """A dataset is missing, corrupt or malformed; the message says what to do.
+
+    Raised inside a ``DataLoader`` worker process, the error reaches the main process
+    re-created by PyTorch with the message ``"Caught DataError in DataLoader worker process 0.
+    Original Traceback ... vitcourse.data.DataError: <message>"``; the constructor keeps only
+    ``<message>``, so the command line still prints one sentence instead of a traceback.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{type(self).__name__}: "  # the last line of the worker's traceback
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 class CorruptDataError(DataError):
