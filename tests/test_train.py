@@ -24,6 +24,7 @@ from vitcourse.train import (
     TrainConfig,
     _scheduler,
     build_model,
+    learning_rates,
     read_metrics,
     train,
 )
@@ -153,6 +154,9 @@ def test_training_learns_and_writes_outputs(tmp_path):
     assert rows[-1]["val_acc"] > 0.15 and rows[-1]["val_loss"] < 2.25
     assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
     assert "data synthetic" in (tmp_path / "run" / "train.log").read_text()
+    # lr is the rate of each epoch's last step (8 steps an epoch), not the next step's
+    rates = learning_rates(TINY.replace(epochs=4), steps_per_epoch=8)
+    assert [r["lr"] for r in rows] == [rates[8 * e - 1] for e in (1, 2, 3, 4)]
 
 
 def test_finished_run_returns_stored_metrics_and_other_configs_are_refused(tmp_path):

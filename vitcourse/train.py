@@ -8,7 +8,8 @@ Run it from the command line::
 
 or from Python with :func:`train`. A run writes into its output directory:
 
-* ``metrics.jsonl`` - one JSON object per epoch (losses, accuracy, learning rate, images/s, data source);
+* ``metrics.jsonl`` - one JSON object per epoch (losses, accuracy, the learning rate of the epoch's
+  last step, images/s, data source);
 * ``last.pt`` - everything needed to resume exactly (model, optimizer, scheduler, RNG, data position);
 * ``best.pt`` - the weights with the best validation accuracy so far;
 * ``train.log`` - the same lines the command line prints.
@@ -502,7 +503,8 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
 
     Returns:
         The rows of ``metrics.jsonl``: dicts with ``epoch``, ``step``, ``train_loss``, ``train_acc``,
-        ``val_loss``, ``val_acc``, ``lr``, ``images_per_sec``, ``epoch_time``, ``data``.
+        ``val_loss``, ``val_acc``, ``lr`` (the learning rate of the epoch's last optimizer step),
+        ``images_per_sec``, ``epoch_time``, ``data`` (the data actually used, e.g. ``"synthetic"``).
 
     Raises:
         ConfigMismatch: ``out_dir`` holds a run with another configuration.
@@ -610,6 +612,7 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() sets the next one
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -638,7 +641,7 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
         row = {
             "epoch": epoch + 1, "step": state["step"],
             "train_loss": part["loss"] / part["seen"], "train_acc": part["correct"] / part["seen"],
-            "val_loss": val["loss"], "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
+            "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
             "images_per_sec": part["seen"] / max(part["time"], 1e-9), "epoch_time": part["time"],
             "data": data.source,
         }
@@ -661,7 +664,7 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         log(f"epoch {epoch + 1}/{cfg.epochs} step {state['step']}: train_loss {row['train_loss']:.4f} "
-            f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} lr {row['lr']:.2e} "
+            f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} last lr {row['lr']:.2e} "
             f"{row['images_per_sec']:.0f} img/s [data: {data.source}]")
         if partial_epoch:
             # restore the partial-epoch counters so a later, longer run continues this epoch exactly
