@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -169,6 +170,31 @@ def test_finished_run_returns_stored_metrics_and_other_configs_are_refused(tmp_p
         train(TINY.replace(epochs=1, lr=5e-4), tmp_path / "run", progress=False)
     with pytest.raises(FileExistsError, match="resume"):
         train(TINY.replace(epochs=1), tmp_path / "run", resume=False, progress=False)
+
+
+def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, monkeypatch):
+    import vitcourse.train as train_module
+
+    # 'cifar10' with the synthetic fallback, offline: the run trains on synthetic data
+    cfg = TINY.replace(data="cifar10", allow_synthetic=True, data_root=str(tmp_path / "no-cifar"), max_steps=2)
+    assert train(cfg, tmp_path / "run", progress=False)[-1]["data"] == "synthetic"
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["source"] == "synthetic"
+    # later CIFAR-10 is there: neither return the synthetic run as finished nor continue it on CIFAR-10
+    real = train_module.build_data
+    monkeypatch.setattr(train_module, "build_data", lambda c: dataclasses.replace(real(c), source="cifar10"))
+    for max_steps in (2, 4):
+        with pytest.raises(ConfigMismatch, match="data source: 'synthetic' there, 'cifar10' now"):
+            train(cfg.replace(max_steps=max_steps), tmp_path / "run", progress=False)
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path, monkeypatch):
+    import vitcourse.train as train_module
+
+    train(TINY.replace(max_steps=2), tmp_path / "run", progress=False)
+    # as process 1 of 2 (the checkpoint holds one process's random state): a clear error, not an IndexError
+    monkeypatch.setattr(train_module, "_init_distributed", lambda: train_module._Dist(rank=1, world=2))
+    with pytest.raises(ConfigMismatch, match="processes: 1 there, 2 now"):
+        train(TINY.replace(max_steps=4), tmp_path / "run", progress=False)
 
 
 def test_max_steps_then_continue_equals_one_longer_run(tmp_path):

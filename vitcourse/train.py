@@ -423,9 +423,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return checkpoint
 
 
-def _check_same_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
+def _check_same_run(checkpoint: dict, cfg: TrainConfig, source: str, world: int, path: Path) -> None:
+    """:class:`ConfigMismatch` unless ``checkpoint`` was written by this run: same config (but for
+    :data:`_RESUMABLE_FIELDS`), same data actually loaded (``cifar10`` may have fallen back to
+    ``synthetic``) and the same number of processes (each one's random state is in the checkpoint)."""
     ours = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
-    theirs = {k: v for k, v in saved.items() if k not in _RESUMABLE_FIELDS}
+    theirs = {k: v for k, v in checkpoint["config"].items() if k not in _RESUMABLE_FIELDS}
+    ours.update({"data source": source, "processes": world})
+    theirs.update({"data source": checkpoint["source"], "processes": len(checkpoint["rng"])})
     diffs = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if diffs:
         k = diffs[0]
@@ -507,19 +512,26 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
         ``images_per_sec``, ``epoch_time``, ``data`` (the data actually used, e.g. ``"synthetic"``).
 
     Raises:
-        ConfigMismatch: ``out_dir`` holds a run with another configuration.
+        ConfigMismatch: ``out_dir`` holds a run with another configuration, other data or
+            another number of processes.
         vitcourse.data.DataError: the data is missing or malformed.
     """
     cfg = CONFIGS[cfg] if isinstance(cfg, str) else cfg
     out = Path(out_dir) if out_dir is not None else runs_dir() / cfg.name
     ctx = _init_distributed()
     last_path = out / "last.pt"
-    checkpoint = None
-    if last_path.exists():
-        if not resume:
-            raise FileExistsError(f"{out} already holds a run; resume it (--resume) or choose another output directory.")
-        checkpoint = load_checkpoint(last_path)
-        _check_same_config(checkpoint["config"], cfg, last_path)
+    if last_path.exists() and not resume:
+        raise FileExistsError(f"{out} already holds a run; resume it (--resume) or choose another output directory.")
+
+    # ---- data: warnings (e.g. "CIFAR-10 not found, using synthetic") go to the log, not to stderr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = build_data(cfg)
+
+    # ---- an earlier run in `out` must be this run (same config, data and processes); it may be finished
+    checkpoint = load_checkpoint(last_path) if last_path.exists() else None
+    if checkpoint is not None:
+        _check_same_run(checkpoint, cfg, data.source, ctx.world, last_path)
         if _finished(checkpoint, cfg):
             return checkpoint["state"]["rows"]
     if ctx.main:
@@ -532,10 +544,6 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
             if verbose:
                 _write(line, progress)
 
-    # ---- data: warnings (e.g. "CIFAR-10 not found, using synthetic") go to the log, not to stderr
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data = build_data(cfg)
     for w in caught:
         log(f"note: {w.message}")
     if cfg.batch_size % ctx.world:
