@@ -170,6 +170,9 @@ def test_finished_run_returns_stored_metrics_and_other_configs_are_refused(tmp_p
         train(TINY.replace(epochs=1, lr=5e-4), tmp_path / "run", progress=False)
     with pytest.raises(FileExistsError, match="resume"):
         train(TINY.replace(epochs=1), tmp_path / "run", resume=False, progress=False)
+    # killed after its last checkpoint, before metrics.jsonl was complete: the finished run repairs the file
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert train(TINY.replace(epochs=1), tmp_path / "run", progress=False) == rows == read_metrics(tmp_path / "run")
 
 
 def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, monkeypatch):

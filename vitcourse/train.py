@@ -9,7 +9,7 @@ Run it from the command line::
 or from Python with :func:`train`. A run writes into its output directory:
 
 * ``metrics.jsonl`` - one JSON object per epoch (losses, accuracy, the learning rate of the epoch's
-  last step, images/s, data source);
+  last step, images/s, data source), always the rows of ``last.pt``;
 * ``last.pt`` - everything needed to resume exactly (model, optimizer, scheduler, RNG, data position);
 * ``best.pt`` - the weights with the best validation accuracy so far;
 * ``train.log`` - the same lines the command line prints.
@@ -403,10 +403,11 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_metrics(out: Path, rows: list[dict]) -> None:
+    """Replace ``out/metrics.jsonl`` by ``rows``, one JSON object per line, atomically (temporary file, rename)."""
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, out / "metrics.jsonl")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -533,7 +534,10 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
     if checkpoint is not None:
         _check_same_run(checkpoint, cfg, data.source, ctx.world, last_path)
         if _finished(checkpoint, cfg):
-            return checkpoint["state"]["rows"]
+            rows = checkpoint["state"]["rows"]
+            if ctx.main and read_metrics(out) != rows:
+                _write_metrics(out, rows)  # e.g. cut short by a kill (older versions wrote it after last.pt)
+            return rows
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -583,7 +587,7 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
         _set_rng_state(checkpoint["rng"][ctx.rank])
         log(f"resumed from {last_path} at step {state['step']}")
     if ctx.main:
-        _atomic_write_text("".join(json.dumps(r) + "\n" for r in state["rows"]), out / "metrics.jsonl")
+        _write_metrics(out, state["rows"])  # drops rows written after the checkpoint we resume from
 
     def save(finished: bool) -> None:
         """Write last.pt (all processes' RNG states gathered on process 0)."""
@@ -667,10 +671,10 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
                 _atomic_save({"config": cfg.to_dict(), "model": model.state_dict(), "epoch": epoch + 1,
                               "val_acc": val["acc"], "classes": data.classes, "source": data.source,
                               "mean": data.mean, "std": data.std, "model_name": cfg.model}, out / "best.pt")
-        save(finished=stop or state["epoch"] == cfg.epochs)
+        # metrics.jsonl first: a kill between the two leaves an extra row that resuming rewrites away
         if ctx.main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            _write_metrics(out, state["rows"])
+        save(finished=stop or state["epoch"] == cfg.epochs)
         log(f"epoch {epoch + 1}/{cfg.epochs} step {state['step']}: train_loss {row['train_loss']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} last lr {row['lr']:.2e} "
             f"{row['images_per_sec']:.0f} img/s [data: {data.source}]")
