@@ -265,6 +265,27 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     assert len(wa["rng"]) == 2  # both processes' random states are kept for resume
 
 
+def test_torchrun_command_line_with_two_gloo_processes(tmp_path, capsys):
+    out = tmp_path / "ddp"
+    args = ["--config", "quick", "--data", "synthetic", "--subset", "256", "--max-steps", "3", "--out", str(out),
+            "--no-progress"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vitcourse.train", *args], env=_env(), capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(out)
+    assert len(rows) == 1 and rows[0]["step"] == 3 and rows[0]["data"] == "synthetic"
+    assert 0.0 <= rows[0]["val_acc"] <= 1.0 and rows[0]["train_loss"] > 0
+    assert done.stdout.count("done:") == 1  # process 0 reports, process 1 is quiet
+    assert len(torch.load(out / "last.pt", weights_only=False)["rng"]) == 2
+    # continued by one process: a clear error, not a run with the random state of only one of the two
+    from vitcourse.train import main
+
+    assert main([*args, "--max-steps", "6", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "processes: 2 there, 1 now" in err and len(err.strip().splitlines()) == 1, err
+
+
 # --------------------------------------------------------------------------- command line
 
 

@@ -303,13 +303,21 @@ def _batch_mixer(cfg: TrainConfig, num_classes: int):
 
 
 class EpochBatches(Sampler):
-    """Training batches of one epoch, in an order fixed by ``(seed, epoch)``, from batch ``start`` on.
+    """The training run's distributed batch sampler: batches of one epoch, in an order fixed by
+    ``(seed, epoch)``, from batch ``start`` on, sharded over ``world`` processes by ``rank``.
 
     Yields lists of ``(index, sample_seed)`` keys (see :class:`vitcourse.data.ImageTensorDataset`):
     the permutation and every image's augmentation seed come from ``seed`` and ``epoch`` alone.
     With ``world > 1`` each global batch of ``batch_size`` images is cut into ``world`` equal
-    parts and process ``rank`` gets its part (what ``DistributedSampler`` does, batch by batch).
-    Incomplete final batches are dropped.
+    parts and process ``rank`` gets its part. Incomplete final batches are dropped.
+
+    It does the job of ``torch.utils.data.DistributedSampler(shuffle=True, drop_last=True)``
+    with ``set_epoch(epoch)`` inside a ``BatchSampler``: every process sees a disjoint
+    ``1/world`` of each epoch's shuffled data. It is written out instead for exact resume:
+    it can start at batch ``start`` of an epoch (where a killed run stopped), it carries each
+    image's augmentation seed, and it shards each *global* batch rather than the whole epoch,
+    so the images of step ``k`` are the same for any number of processes and a DDP run
+    matches a one-process run.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
