@@ -349,6 +349,18 @@ def test_cli_errors_are_one_clear_line(tmp_path, args, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_cli_corrupt_image_in_a_worker_process_is_one_line(tmp_path):
+    for name in ("cats", "dogs"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(8):
+            (tmp_path / "imgs" / name / f"{i}.png").write_bytes(b"not a png")
+    done = _cli("--config", "quick", "--data", str(tmp_path / "imgs"), "--num-workers", "1", "--max-steps", "1",
+                "--batch-size", "4", "--out", str(tmp_path / "out"), "--no-progress")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"cannot read image {tmp_path / 'imgs'}" in done.stderr and "delete it" in done.stderr
+
+
 def test_cli_help(capsys):
     from vitcourse.train import main
 
