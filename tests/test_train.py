@@ -102,6 +102,7 @@ def test_onecycle_and_multistep_schedules():
     lrs = [opt.param_groups[0]["lr"]] + [(opt.step(), sched.step(), opt.param_groups[0]["lr"])[2] for _ in range(39)]
     # torch's OneCycleLR peaks after pct_start * total - 1 steps
     assert max(lrs) == pytest.approx(0.02) and lrs.index(max(lrs)) == 9 and lrs[-1] < 1e-5
+    assert lrs[0] == pytest.approx(0.002)  # starts at a tenth of the peak, as the Ultimus assignment did
     opt = torch.optim.Adam([param], lr=1.0)
     sched = _scheduler(TINY.replace(schedule="multistep", milestones=(0.5, 0.75), gamma=0.1, lr=1.0), opt, 40, 10)
     lrs = [opt.param_groups[0]["lr"]] + [(opt.step(), sched.step(), opt.param_groups[0]["lr"])[2] for _ in range(39)]

@@ -85,7 +85,7 @@ class TrainConfig:
 
     Optimisation: ``optimizer`` ``"adamw"`` or ``"adam"``; ``schedule`` ``"cosine"`` (linear
     warmup for ``warmup_epochs`` then cosine decay to 0), ``"onecycle"`` (``torch``'s OneCycleLR
-    peaking at ``max_lr`` after ``pct_start`` of training), ``"multistep"`` (multiply by
+    from ``max_lr / 10`` up to ``max_lr`` after ``pct_start`` of training), ``"multistep"`` (multiply by
     ``gamma`` at each fraction of training in ``milestones``) or ``"constant"``. Weight decay
     skips biases, norms, the CLS token and positions. ``grad_clip`` caps the global gradient
     norm (``None``: no clipping). ``amp`` uses mixed precision on CUDA only.
@@ -254,7 +254,8 @@ def _scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epoch: i
     """A per-step learning-rate schedule over ``total_steps`` optimizer steps."""
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.max_lr, total_steps=total_steps, pct_start=cfg.pct_start
+            optimizer, max_lr=cfg.max_lr, total_steps=total_steps, pct_start=cfg.pct_start,
+            div_factor=10.0,  # start at max_lr / 10, as the Ultimus assignment did (torch's default is 25)
         )
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     marks = [round(m * total_steps) for m in cfg.milestones]
