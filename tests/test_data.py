@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import socket
 import warnings
 
 import numpy as np
@@ -15,6 +16,7 @@ from torchvision.datasets import CIFAR10
 from vitcourse.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
+    DOWNLOAD_TIMEOUT,
     DataError,
     denormalize,
     load_data,
@@ -115,15 +117,36 @@ def test_missing_cifar_says_where_it_looked(tmp_path):
 
 
 def test_missing_cifar_falls_back_to_synthetic_only_when_allowed(tmp_path, monkeypatch):
+    timeouts = []
+
     def offline(self):
+        timeouts.append(socket.getdefaulttimeout())
         raise OSError("no network")
 
+    monkeypatch.delenv("VITCOURSE_OFFLINE", raising=False)
     monkeypatch.setattr(CIFAR10, "download", offline)
+    before = socket.getdefaulttimeout()
     with pytest.raises(DataError, match="could not be downloaded"):
         load_data("cifar10", root=tmp_path)
-    with pytest.warns(UserWarning, match="synthetic"):
+    # the download ran with a socket timeout (so no network cannot hang it), restored afterwards
+    assert timeouts == [DOWNLOAD_TIMEOUT] and socket.getdefaulttimeout() == before
+    with pytest.warns(UserWarning, match="synthetic") as caught:
         bundle = load_data("cifar10", root=tmp_path, allow_synthetic=True, subset=50, val_size=20)
     assert bundle.source == "synthetic" and len(bundle.train) == 50
+    message = str(caught[0].message)  # one sentence: where it looked, how to get it, what is used instead
+    assert message.endswith("; using the offline synthetic stand-in instead.") and ". " not in message
+
+
+def test_offline_variable_forbids_downloads(tmp_path, monkeypatch):
+    def download(self):
+        raise AssertionError("tried to download although VITCOURSE_OFFLINE is set")
+
+    monkeypatch.setattr(CIFAR10, "download", download)
+    monkeypatch.setenv("VITCOURSE_OFFLINE", "1")
+    with pytest.raises(DataError, match="VITCOURSE_OFFLINE"):
+        load_data("cifar10", root=tmp_path)
+    with pytest.warns(UserWarning, match="VITCOURSE_OFFLINE"):
+        assert load_data("cifar10", root=tmp_path, allow_synthetic=True, subset=50, val_size=20).source == "synthetic"
 
 
 def test_subset_keeps_a_seeded_part_of_the_training_split(cifar):
@@ -248,3 +271,18 @@ def test_unreadable_image_is_named(tmp_path):
         for dataset in (bundle.train, bundle.val, bundle.test):
             for i in range(len(dataset)):
                 dataset[i]
+
+
+def test_unreadable_image_in_a_loader_worker_is_still_one_sentence(tmp_path):
+    root = tmp_path / "imgs"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            (root / name / f"junk{i}.png").write_bytes(b"definitely not a png")
+    bundle = load_data(str(root), image_size=8, val_size=1)
+    loader = torch.utils.data.DataLoader(bundle.train, batch_size=2, num_workers=1)
+    with pytest.raises(DataError) as caught:
+        next(iter(loader))
+    message = str(caught.value)  # not PyTorch's "Caught DataError in DataLoader worker ... Original Traceback"
+    assert message.startswith("cannot read image ") and "junk" in message and "delete it" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,12 +44,15 @@ def test_accuracy_matches_a_manual_count(run):
 
 
 def test_command_line_prints_json(run):
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "VITCOURSE_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "vitcourse.evaluate", str(run / "last.pt")], capture_output=True,
-                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+                          text=True, timeout=300, cwd=repo, env=env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert set(result) == {"checkpoint", "data", "test_acc", "test_loss", "n", "epoch"}
     assert 0.0 <= result["test_acc"] <= 1.0
+    assert result["epoch"] == 1  # last.pt keeps it in the run's state, best.pt at the top
 
 
 def test_errors_are_one_clear_line(tmp_path, capsys, run):
@@ -63,3 +67,12 @@ def test_errors_are_one_clear_line(tmp_path, capsys, run):
     assert main([str(run / "best.pt"), "--data", str(tmp_path / "no-such-folder")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_corrupt_image_in_a_worker_process_is_one_line(tmp_path, capsys, run):
+    for k in range(10):  # as many classes as the synthetic run, one unreadable image each
+        (tmp_path / "imgs" / f"class{k}").mkdir(parents=True)
+        (tmp_path / "imgs" / f"class{k}" / "0.png").write_bytes(b"not a png")
+    assert main([str(run / "best.pt"), "--data", str(tmp_path / "imgs"), "--num-workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from vitcourse.train import (
     TrainConfig,
     _scheduler,
     build_model,
+    learning_rates,
     read_metrics,
     train,
 )
@@ -42,16 +44,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def one_thread(tmp_path_factory, monkeypatch):
-    """One thread (identical numerics in and out of subprocesses) and a shared synthetic-data cache."""
+    """One thread (identical numerics in and out of subprocesses), a shared synthetic-data cache, no downloads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     monkeypatch.setenv("VITCOURSE_DATA", str(tmp_path_factory.getbasetemp() / "data-cache"))
+    monkeypatch.setenv("VITCOURSE_OFFLINE", "1")  # CIFAR-10 is never there: the same results with or without internet
     yield
     torch.set_num_threads(threads)
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "VITCOURSE_OFFLINE": "1"}
 
 
 def _run_script(tmp_path: Path, body: str) -> subprocess.Popen:
@@ -99,6 +102,7 @@ def test_onecycle_and_multistep_schedules():
     lrs = [opt.param_groups[0]["lr"]] + [(opt.step(), sched.step(), opt.param_groups[0]["lr"])[2] for _ in range(39)]
     # torch's OneCycleLR peaks after pct_start * total - 1 steps
     assert max(lrs) == pytest.approx(0.02) and lrs.index(max(lrs)) == 9 and lrs[-1] < 1e-5
+    assert lrs[0] == pytest.approx(0.002)  # starts at a tenth of the peak, as the Ultimus assignment did
     opt = torch.optim.Adam([param], lr=1.0)
     sched = _scheduler(TINY.replace(schedule="multistep", milestones=(0.5, 0.75), gamma=0.1, lr=1.0), opt, 40, 10)
     lrs = [opt.param_groups[0]["lr"]] + [(opt.step(), sched.step(), opt.param_groups[0]["lr"])[2] for _ in range(39)]
@@ -153,6 +157,9 @@ def test_training_learns_and_writes_outputs(tmp_path):
     assert rows[-1]["val_acc"] > 0.15 and rows[-1]["val_loss"] < 2.25
     assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
     assert "data synthetic" in (tmp_path / "run" / "train.log").read_text()
+    # lr is the rate of each epoch's last step (8 steps an epoch), not the next step's
+    rates = learning_rates(TINY.replace(epochs=4), steps_per_epoch=8)
+    assert [r["lr"] for r in rows] == [rates[8 * e - 1] for e in (1, 2, 3, 4)]
 
 
 def test_finished_run_returns_stored_metrics_and_other_configs_are_refused(tmp_path):
@@ -164,6 +171,34 @@ def test_finished_run_returns_stored_metrics_and_other_configs_are_refused(tmp_p
         train(TINY.replace(epochs=1, lr=5e-4), tmp_path / "run", progress=False)
     with pytest.raises(FileExistsError, match="resume"):
         train(TINY.replace(epochs=1), tmp_path / "run", resume=False, progress=False)
+    # killed after its last checkpoint, before metrics.jsonl was complete: the finished run repairs the file
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    assert train(TINY.replace(epochs=1), tmp_path / "run", progress=False) == rows == read_metrics(tmp_path / "run")
+
+
+def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, monkeypatch):
+    import vitcourse.train as train_module
+
+    # 'cifar10' with the synthetic fallback, offline: the run trains on synthetic data
+    cfg = TINY.replace(data="cifar10", allow_synthetic=True, data_root=str(tmp_path / "no-cifar"), max_steps=2)
+    assert train(cfg, tmp_path / "run", progress=False)[-1]["data"] == "synthetic"
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["source"] == "synthetic"
+    # later CIFAR-10 is there: neither return the synthetic run as finished nor continue it on CIFAR-10
+    real = train_module.build_data
+    monkeypatch.setattr(train_module, "build_data", lambda c: dataclasses.replace(real(c), source="cifar10"))
+    for max_steps in (2, 4):
+        with pytest.raises(ConfigMismatch, match="data source: 'synthetic' there, 'cifar10' now"):
+            train(cfg.replace(max_steps=max_steps), tmp_path / "run", progress=False)
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path, monkeypatch):
+    import vitcourse.train as train_module
+
+    train(TINY.replace(max_steps=2), tmp_path / "run", progress=False)
+    # as process 1 of 2 (the checkpoint holds one process's random state): a clear error, not an IndexError
+    monkeypatch.setattr(train_module, "_init_distributed", lambda: train_module._Dist(rank=1, world=2))
+    with pytest.raises(ConfigMismatch, match="processes: 1 there, 2 now"):
+        train(TINY.replace(max_steps=4), tmp_path / "run", progress=False)
 
 
 def test_max_steps_then_continue_equals_one_longer_run(tmp_path):
@@ -231,6 +266,27 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     assert len(wa["rng"]) == 2  # both processes' random states are kept for resume
 
 
+def test_torchrun_command_line_with_two_gloo_processes(tmp_path, capsys):
+    out = tmp_path / "ddp"
+    args = ["--config", "quick", "--data", "synthetic", "--subset", "256", "--max-steps", "3", "--out", str(out),
+            "--no-progress"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vitcourse.train", *args], env=_env(), capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(out)
+    assert len(rows) == 1 and rows[0]["step"] == 3 and rows[0]["data"] == "synthetic"
+    assert 0.0 <= rows[0]["val_acc"] <= 1.0 and rows[0]["train_loss"] > 0
+    assert done.stdout.count("done:") == 1  # process 0 reports, process 1 is quiet
+    assert len(torch.load(out / "last.pt", weights_only=False)["rng"]) == 2
+    # continued by one process: a clear error, not a run with the random state of only one of the two
+    from vitcourse.train import main
+
+    assert main([*args, "--max-steps", "6", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "processes: 2 there, 1 now" in err and len(err.strip().splitlines()) == 1, err
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -245,7 +301,7 @@ def test_cli_quick_run_then_errors(tmp_path, capsys):
     assert done.returncode == 0, done.stderr
     assert (out / "metrics.jsonl").exists() and (out / "last.pt").exists() and (out / "best.pt").exists()
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    assert row["step"] == 2 and row["data"] == "synthetic"  # CIFAR-10 cannot be downloaded in the test sandbox
+    assert row["step"] == 2 and row["data"] == "synthetic"  # VITCOURSE_OFFLINE=1: no download, even online
     assert "synthetic" in done.stdout
 
     from vitcourse.train import main
@@ -279,15 +335,9 @@ def test_cli_unknown_config_is_one_line_without_traceback(tmp_path):
         (["--data", "synthetic", "--model", "resnet50"], "got 'resnet50'"),
     ],
 )
-def test_cli_errors_are_one_clear_line(tmp_path, args, message, capsys, monkeypatch):
-    from torchvision.datasets import CIFAR10
-
+def test_cli_errors_are_one_clear_line(tmp_path, args, message, capsys):
     from vitcourse.train import main
 
-    def offline(self):
-        raise OSError("no network")
-
-    monkeypatch.setattr(CIFAR10, "download", offline)  # never download in a test
     (tmp_path / "imgs" / "empty").mkdir(parents=True)
     folder = tmp_path / "corrupt" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -298,6 +348,18 @@ def test_cli_errors_are_one_clear_line(tmp_path, args, message, capsys, monkeypa
     assert main([*args, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_corrupt_image_in_a_worker_process_is_one_line(tmp_path):
+    for name in ("cats", "dogs"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(8):
+            (tmp_path / "imgs" / name / f"{i}.png").write_bytes(b"not a png")
+    done = _cli("--config", "quick", "--data", str(tmp_path / "imgs"), "--num-workers", "1", "--max-steps", "1",
+                "--batch-size", "4", "--out", str(tmp_path / "out"), "--no-progress")
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"cannot read image {tmp_path / 'imgs'}" in done.stderr and "delete it" in done.stderr
 
 
 def test_cli_help(capsys):

@@ -9,6 +9,8 @@ statistics used for normalisation and ``source``, a short string saying which da
 * ``load_data("cifar10")`` - CIFAR-10 through torchvision, downloaded into a cache directory
   (argument ``root``, else ``$VITCOURSE_DATA``, else ``~/.cache/vitcourse/data``). The 50,000
   training images are split with a seeded permutation into 45,000 train / 5,000 validation.
+  ``VITCOURSE_OFFLINE=1`` forbids the download (tests and offline machines set it); a download
+  gives up after :data:`DOWNLOAD_TIMEOUT` seconds without an answer from the server.
 * ``load_data("path/to/folder")`` - your images in torchvision's ``ImageFolder`` layout
   (``folder/<class>/<image>``), resized to the model's image size, split the same way.
 * ``load_data("synthetic")`` - :func:`make_synthetic`: ten classes of shapes and textures drawn
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,7 @@ __all__ = [
     "ImageTensorDataset",
     "data_root",
     "denormalize",
+    "downloads_allowed",
     "load_data",
     "make_synthetic",
     "split_indices",
@@ -69,10 +73,24 @@ SYNTHETIC_CLASSES = (
 SYNTHETIC_TRAIN, SYNTHETIC_TEST = 20_000, 4_000
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CIFAR_URL_HINT = "https://www.cs.toronto.edu/~kriz/cifar.html"
+DOWNLOAD_TIMEOUT = 60.0
+"""Seconds a download waits for the server before it gives up (so the offline fallback cannot hang)."""
 
 
 class DataError(RuntimeError):
-    """A dataset is missing, corrupt or malformed; the message says what to do."""
+    """A dataset is missing, corrupt or malformed; the message says what to do.
+
+    Raised inside a ``DataLoader`` worker process, the error reaches the main process
+    re-created by PyTorch with the message ``"Caught DataError in DataLoader worker process 0.
+    Original Traceback ... vitcourse.data.DataError: <message>"``; the constructor keeps only
+    ``<message>``, so the command line still prints one sentence instead of a traceback.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{type(self).__name__}: "  # the last line of the worker's traceback
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 class CorruptDataError(DataError):
@@ -368,25 +386,36 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return Path(root or os.environ.get("VITCOURSE_DATA") or "~/.cache/vitcourse/data").expanduser()
 
 
+def downloads_allowed() -> bool:
+    """False when the environment variable ``VITCOURSE_OFFLINE`` is set (to anything but ``0`` or empty)."""
+    return os.environ.get("VITCOURSE_OFFLINE", "") in ("", "0")
+
+
 def _cifar_arrays(root: Path, download: bool) -> tuple[np.ndarray, list, np.ndarray, list]:
     """CIFAR-10's train and test arrays from ``root``, downloading when absent; :class:`DataError` otherwise."""
     from torchvision.datasets import CIFAR10
 
     folder = root / "cifar-10-batches-py"
     if not folder.exists():
-        if not download:
-            raise DataError(f"CIFAR-10 is not in {folder}; download it from {CIFAR_URL_HINT} or allow downloads.")
+        if not download or not downloads_allowed():
+            why = "VITCOURSE_OFFLINE is set" if download else "downloads are off"
+            raise DataError(f"CIFAR-10 is not in {folder} and {why}; put the extracted 'cifar-10-batches-py' "
+                            f"folder there (from {CIFAR_URL_HINT}) or allow downloads.")
+        timeout = socket.getdefaulttimeout()
         try:
             root.mkdir(parents=True, exist_ok=True)
+            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torchvision's urlopen has no timeout of its own
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 CIFAR10(str(root), train=True, download=True)
-        except Exception as err:  # no network, proxy, disk full ...: all mean "not available"
+        except Exception as err:  # no network, proxy, timeout, disk full ...: all mean "not available"
             raise DataError(
                 f"CIFAR-10 is not in {folder} and could not be downloaded ({type(err).__name__}); connect to "
                 f"the internet and run again, or put the extracted 'cifar-10-batches-py' folder there "
                 f"(from {CIFAR_URL_HINT})."
             ) from None
+        finally:
+            socket.setdefaulttimeout(timeout)
     try:
         train = CIFAR10(str(root), train=True, download=False)
         test = CIFAR10(str(root), train=False, download=False)
@@ -508,7 +537,7 @@ def load_data(
         augment: ``"none"``, ``"basic"`` or ``"strong"``, for the training split only.
         allow_synthetic: if CIFAR-10 is absent and cannot be downloaded (not if it is corrupt), warn in one sentence and use :func:`make_synthetic` data.
         subset: keep only this many (seeded, random) training images.
-        download: try to download CIFAR-10 when it is absent.
+        download: try to download CIFAR-10 when it is absent (never when ``$VITCOURSE_OFFLINE`` is set).
 
     Returns:
         A :class:`DataBundle`; its ``source`` says which data was loaded.
@@ -524,7 +553,7 @@ def load_data(
         except DataError as err:
             if not allow_synthetic or isinstance(err, CorruptDataError):
                 raise
-            warnings.warn(f"{err} Using the offline synthetic stand-in instead.", stacklevel=2)
+            warnings.warn(f"{str(err).rstrip('.')}; using the offline synthetic stand-in instead.", stacklevel=2)
             return _synthetic(image_size, augment, val_size, seed, subset)
     looks_like_path = os.sep in name or name.startswith(".") or Path(name).expanduser().exists()
     if not looks_like_path:

@@ -1,6 +1,7 @@
 """Evaluate a training checkpoint on its test set: ``python -m vitcourse.evaluate CHECKPOINT``.
 
-Prints one JSON object: ``{"checkpoint", "data", "test_acc", "test_loss", "n", "epoch"}``.
+Prints one JSON object: ``{"checkpoint", "data", "test_acc", "test_loss", "n", "epoch"}``
+(``epoch``: the epoch ``best.pt`` was saved at, or the epochs completed behind ``last.pt``).
 The data defaults to what the run was trained on (``--data`` picks another source with the
 same classes, e.g. an image folder laid out like the training one).
 """
@@ -39,7 +40,7 @@ def load_trained(path: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, data_root: str | None = None,
-                        batch_size: int = 500) -> dict:
+                        batch_size: int = 500, num_workers: int = 0) -> dict:
     """Test accuracy and loss of the checkpoint at ``path`` (see the module docstring for the keys)."""
     model, cfg, checkpoint = load_trained(path)
     name = data or _data_name(checkpoint, cfg)
@@ -51,9 +52,10 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, data_root: st
         raise ValueError(f"{name} has {len(bundle.classes)} classes but the checkpoint was trained on "
                          f"{len(checkpoint['classes'])}; evaluate it on data with the same classes.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    result = evaluate_model(model.to(device), bundle.test, batch_size, device)
+    result = evaluate_model(model.to(device), bundle.test, batch_size, device, num_workers)
+    epoch = checkpoint["epoch"] if "epoch" in checkpoint else checkpoint["state"]["epoch"]  # best.pt / last.pt
     return {"checkpoint": str(path), "data": bundle.source, "test_acc": result["acc"],
-            "test_loss": result["loss"], "n": result["n"], "epoch": checkpoint.get("epoch")}
+            "test_loss": result["loss"], "n": result["n"], "epoch": epoch}
 
 
 def _data_name(checkpoint: dict, cfg: TrainConfig) -> str:
@@ -70,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="cifar10, synthetic or an image folder (default: the data of the run)")
     p.add_argument("--data-root", help="CIFAR-10 cache directory")
     p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     args = p.parse_args(argv)
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.batch_size)
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.data_root, args.batch_size, args.num_workers)
     except (DataError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,7 +8,8 @@ Run it from the command line::
 
 or from Python with :func:`train`. A run writes into its output directory:
 
-* ``metrics.jsonl`` - one JSON object per epoch (losses, accuracy, learning rate, images/s, data source);
+* ``metrics.jsonl`` - one JSON object per epoch (losses, accuracy, the learning rate of the epoch's
+  last step, images/s, data source), always the rows of ``last.pt``;
 * ``last.pt`` - everything needed to resume exactly (model, optimizer, scheduler, RNG, data position);
 * ``best.pt`` - the weights with the best validation accuracy so far;
 * ``train.log`` - the same lines the command line prints.
@@ -84,7 +85,7 @@ class TrainConfig:
 
     Optimisation: ``optimizer`` ``"adamw"`` or ``"adam"``; ``schedule`` ``"cosine"`` (linear
     warmup for ``warmup_epochs`` then cosine decay to 0), ``"onecycle"`` (``torch``'s OneCycleLR
-    peaking at ``max_lr`` after ``pct_start`` of training), ``"multistep"`` (multiply by
+    from ``max_lr / 10`` up to ``max_lr`` after ``pct_start`` of training), ``"multistep"`` (multiply by
     ``gamma`` at each fraction of training in ``milestones``) or ``"constant"``. Weight decay
     skips biases, norms, the CLS token and positions. ``grad_clip`` caps the global gradient
     norm (``None``: no clipping). ``amp`` uses mixed precision on CUDA only.
@@ -253,7 +254,8 @@ def _scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epoch: i
     """A per-step learning-rate schedule over ``total_steps`` optimizer steps."""
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.max_lr, total_steps=total_steps, pct_start=cfg.pct_start
+            optimizer, max_lr=cfg.max_lr, total_steps=total_steps, pct_start=cfg.pct_start,
+            div_factor=10.0,  # start at max_lr / 10, as the Ultimus assignment did (torch's default is 25)
         )
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     marks = [round(m * total_steps) for m in cfg.milestones]
@@ -302,13 +304,21 @@ def _batch_mixer(cfg: TrainConfig, num_classes: int):
 
 
 class EpochBatches(Sampler):
-    """Training batches of one epoch, in an order fixed by ``(seed, epoch)``, from batch ``start`` on.
+    """The training run's distributed batch sampler: batches of one epoch, in an order fixed by
+    ``(seed, epoch)``, from batch ``start`` on, sharded over ``world`` processes by ``rank``.
 
     Yields lists of ``(index, sample_seed)`` keys (see :class:`vitcourse.data.ImageTensorDataset`):
     the permutation and every image's augmentation seed come from ``seed`` and ``epoch`` alone.
     With ``world > 1`` each global batch of ``batch_size`` images is cut into ``world`` equal
-    parts and process ``rank`` gets its part (what ``DistributedSampler`` does, batch by batch).
-    Incomplete final batches are dropped.
+    parts and process ``rank`` gets its part. Incomplete final batches are dropped.
+
+    It does the job of ``torch.utils.data.DistributedSampler(shuffle=True, drop_last=True)``
+    with ``set_epoch(epoch)`` inside a ``BatchSampler``: every process sees a disjoint
+    ``1/world`` of each epoch's shuffled data. It is written out instead for exact resume:
+    it can start at batch ``start`` of an epoch (where a killed run stopped), it carries each
+    image's augmentation seed, and it shards each *global* batch rather than the whole epoch,
+    so the images of step ``k`` are the same for any number of processes and a DDP run
+    matches a one-process run.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
@@ -402,10 +412,11 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_metrics(out: Path, rows: list[dict]) -> None:
+    """Replace ``out/metrics.jsonl`` by ``rows``, one JSON object per line, atomically (temporary file, rename)."""
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, out / "metrics.jsonl")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -422,9 +433,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return checkpoint
 
 
-def _check_same_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
+def _check_same_run(checkpoint: dict, cfg: TrainConfig, source: str, world: int, path: Path) -> None:
+    """:class:`ConfigMismatch` unless ``checkpoint`` was written by this run: same config (but for
+    :data:`_RESUMABLE_FIELDS`), same data actually loaded (``cifar10`` may have fallen back to
+    ``synthetic``) and the same number of processes (each one's random state is in the checkpoint)."""
     ours = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
-    theirs = {k: v for k, v in saved.items() if k not in _RESUMABLE_FIELDS}
+    theirs = {k: v for k, v in checkpoint["config"].items() if k not in _RESUMABLE_FIELDS}
+    ours.update({"data source": source, "processes": world})
+    theirs.update({"data source": checkpoint["source"], "processes": len(checkpoint["rng"])})
     diffs = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
     if diffs:
         k = diffs[0]
@@ -502,24 +518,35 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
 
     Returns:
         The rows of ``metrics.jsonl``: dicts with ``epoch``, ``step``, ``train_loss``, ``train_acc``,
-        ``val_loss``, ``val_acc``, ``lr``, ``images_per_sec``, ``epoch_time``, ``data``.
+        ``val_loss``, ``val_acc``, ``lr`` (the learning rate of the epoch's last optimizer step),
+        ``images_per_sec``, ``epoch_time``, ``data`` (the data actually used, e.g. ``"synthetic"``).
 
     Raises:
-        ConfigMismatch: ``out_dir`` holds a run with another configuration.
+        ConfigMismatch: ``out_dir`` holds a run with another configuration, other data or
+            another number of processes.
         vitcourse.data.DataError: the data is missing or malformed.
     """
     cfg = CONFIGS[cfg] if isinstance(cfg, str) else cfg
     out = Path(out_dir) if out_dir is not None else runs_dir() / cfg.name
     ctx = _init_distributed()
     last_path = out / "last.pt"
-    checkpoint = None
-    if last_path.exists():
-        if not resume:
-            raise FileExistsError(f"{out} already holds a run; resume it (--resume) or choose another output directory.")
-        checkpoint = load_checkpoint(last_path)
-        _check_same_config(checkpoint["config"], cfg, last_path)
+    if last_path.exists() and not resume:
+        raise FileExistsError(f"{out} already holds a run; resume it (--resume) or choose another output directory.")
+
+    # ---- data: warnings (e.g. "CIFAR-10 not found, using synthetic") go to the log, not to stderr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = build_data(cfg)
+
+    # ---- an earlier run in `out` must be this run (same config, data and processes); it may be finished
+    checkpoint = load_checkpoint(last_path) if last_path.exists() else None
+    if checkpoint is not None:
+        _check_same_run(checkpoint, cfg, data.source, ctx.world, last_path)
         if _finished(checkpoint, cfg):
-            return checkpoint["state"]["rows"]
+            rows = checkpoint["state"]["rows"]
+            if ctx.main and read_metrics(out) != rows:
+                _write_metrics(out, rows)  # e.g. cut short by a kill (older versions wrote it after last.pt)
+            return rows
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
 
@@ -530,10 +557,6 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
             if verbose:
                 _write(line, progress)
 
-    # ---- data: warnings (e.g. "CIFAR-10 not found, using synthetic") go to the log, not to stderr
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        data = build_data(cfg)
     for w in caught:
         log(f"note: {w.message}")
     if cfg.batch_size % ctx.world:
@@ -573,7 +596,7 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
         _set_rng_state(checkpoint["rng"][ctx.rank])
         log(f"resumed from {last_path} at step {state['step']}")
     if ctx.main:
-        _atomic_write_text("".join(json.dumps(r) + "\n" for r in state["rows"]), out / "metrics.jsonl")
+        _write_metrics(out, state["rows"])  # drops rows written after the checkpoint we resume from
 
     def save(finished: bool) -> None:
         """Write last.pt (all processes' RNG states gathered on process 0)."""
@@ -610,6 +633,7 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() sets the next one
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -638,7 +662,7 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
         row = {
             "epoch": epoch + 1, "step": state["step"],
             "train_loss": part["loss"] / part["seen"], "train_acc": part["correct"] / part["seen"],
-            "val_loss": val["loss"], "val_acc": val["acc"], "lr": optimizer.param_groups[0]["lr"],
+            "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
             "images_per_sec": part["seen"] / max(part["time"], 1e-9), "epoch_time": part["time"],
             "data": data.source,
         }
@@ -656,12 +680,12 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
                 _atomic_save({"config": cfg.to_dict(), "model": model.state_dict(), "epoch": epoch + 1,
                               "val_acc": val["acc"], "classes": data.classes, "source": data.source,
                               "mean": data.mean, "std": data.std, "model_name": cfg.model}, out / "best.pt")
-        save(finished=stop or state["epoch"] == cfg.epochs)
+        # metrics.jsonl first: a kill between the two leaves an extra row that resuming rewrites away
         if ctx.main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            _write_metrics(out, state["rows"])
+        save(finished=stop or state["epoch"] == cfg.epochs)
         log(f"epoch {epoch + 1}/{cfg.epochs} step {state['step']}: train_loss {row['train_loss']:.4f} "
-            f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} lr {row['lr']:.2e} "
+            f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} last lr {row['lr']:.2e} "
             f"{row['images_per_sec']:.0f} img/s [data: {data.source}]")
         if partial_epoch:
             # restore the partial-epoch counters so a later, longer run continues this epoch exactly
