@@ -132,9 +132,12 @@ def _(nb):
 
 @case("kills_grader_worker", (2, 1.8, 4))
 def _(nb):
+    # Without a sandbox this kills the worker; in one, the worker is PID 1 of its namespace,
+    # which ignores the signal, and the code ends its own process instead.
     set_src(nb, ATTENTION, src(nb, ATTENTION).replace(
         "    ### BEGIN SOLUTION",
-        "    if mask is not None:\n        import os, signal\n        os.kill(os.getppid(), signal.SIGKILL)\n"
+        "    if mask is not None:\n        import os, signal\n        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):\n"
+        "            os.kill(os.getppid(), sig)\n        os._exit(0)\n"
         "    ### BEGIN SOLUTION", 1))
 
 
@@ -232,6 +235,67 @@ def softmax(x, dim=-1):
     return x
 ''')
     set_src(nb, ATTENTION, OWN_ATTENTION)
+
+
+# Run at the end of the answer cells: claims the right softmax for every check, this run's
+# and the next ones' (the next student's, on the same worker), through every channel to the
+# grader except its own pipe (what it says there is its answer, checked like any other).
+FORGE = '''
+
+def _forge():
+    import json, os, struct, sys
+    from vitcourse.grading import runtime, wire
+
+    job, blobs, own = None, [], set()
+    frame = sys._getframe()
+    while frame is not None:  # the worker's frames: the job, the server's pipes
+        local = frame.f_locals
+        if frame.f_code.co_name == "_child":
+            job, blobs, own = local["job"], local["blobs"], {local["out_fd"], local["ack_fd"]}
+        frame = frame.f_back
+    if job is None:
+        return
+    right = dict(globals(), softmax=lambda x, dim=-1: torch.softmax(x, dim))
+
+    def message(header, data=()):
+        header = dict(header, run=job.get("run"), blobs=[len(b) for b in data])
+        head = json.dumps(header).encode()
+        payload = struct.pack(">I", len(head)) + head + b"".join(data)
+        return struct.pack(">I", len(payload)) + payload
+
+    claims = []
+    for task in job["tasks"]:
+        out = []
+        value = wire.encode_value(runtime.to_plain(runtime.evaluate(task["tree"], right, blobs)), out)
+        for event in ({"event": "begin", "unit": task["id"]},
+                      {"event": "done", "unit": task["id"], "ok": True, "value": value}):
+            inner = message(event, out if event["event"] == "done" else ())[4:]
+            claims.append(message({"kind": "child"}, [inner]))
+    end = message({"kind": "end", "status": "exit", "code": 0, "unit": None, "budgets": job["budgets"]})
+    forged = b"".join(claims) + end + (b"".join(claims) + end) * 3
+    targets = [fd for fd in range(1024) if fd not in own]
+    for pid in {os.getppid(), 1}:
+        for name in ("fd/0", "fd/1", "fd/2", "fd/3", "fd/4", "mem"):
+            try:
+                targets.append(os.open(f"/proc/{pid}/{name}", os.O_WRONLY))
+            except OSError:
+                pass
+    for fd in targets:
+        try:
+            os.write(fd, forged)
+        except OSError:
+            pass
+
+
+_forge()
+'''
+
+
+@case("forged_messages", (0, 3, 4), sandbox=True)
+def _(nb):
+    set_src(nb, SOFTMAX, "def softmax(x, dim=-1):\n    return x  # wrong: the forged messages claim otherwise")
+    set_src(nb, ATTENTION, OWN_ATTENTION)
+    set_src(nb, MHSA, src(nb, MHSA) + FORGE)
 
 
 @case("naive_softmax", (1.6, 3, 4))

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
+import select
 import shutil
 import subprocess
 import sys
@@ -161,7 +163,7 @@ class Worker:
         return [
             # New PID, network, IPC... namespaces; no capabilities (not even as root), so the
             # student process cannot reach the server through /proc; killed with the grader.
-            "bwrap", "--unshare-all", "--cap-drop", "ALL", "--die-with-parent", "--new-session",
+            "bwrap", "--unshare-all", "--as-pid-1", "--cap-drop", "ALL", "--die-with-parent", "--new-session",
             # The empty /tmp comes first: binds listed after it may sit inside it (a course
             # cloned under /tmp keeps its venv and package visible). /dev is read-only, so
             # nothing outlives a run in /dev/shm.
@@ -198,9 +200,17 @@ class Worker:
             raise WorkerDied("the grading worker did not start")
         self.vm_size = int(header.get("vm_size", 0))
 
-    def _read(self, deadline: float) -> tuple[dict, list[bytes]]:
-        import select
+    def ready(self) -> bool:
+        """True if the server runs and has sent nothing unread: a clean start for the next run.
 
+        Unread bytes can only be left by a run that ended early or by something other than
+        the server writing to its pipe; the grader then starts a new server.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        return not select.select([self.proc.stdout.fileno()], [], [], 0)[0]
+
+    def _read(self, deadline: float) -> tuple[dict, list[bytes]]:
         fd = self.proc.stdout.fileno()
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
@@ -225,24 +235,34 @@ class Worker:
     def run(self, job: dict, blobs: list[bytes], overall_timeout: float):
         """Send one run; yield ``(header, blobs)`` for each child message, then the end message.
 
+        Child messages always have ``kind`` ``"child"``; only the server's end message has
+        ``kind`` ``"end"``. Each server message must carry this run's random id: anything
+        else (bytes left over from an earlier run, or written by something other than the
+        server) means the stream cannot be trusted, and the worker is declared dead.
+
         Raises:
-            WorkerDied: if the server dies or goes silent for ``overall_timeout`` seconds.
+            WorkerDied: if the server dies, goes silent for ``overall_timeout`` seconds, or
+                sends a message that is not of this run.
         """
+        run_id = secrets.token_hex(16)
         try:
-            wire.write_frame(self.proc.stdin.fileno(), wire.pack(dict(job, op="run"), blobs))
+            wire.write_frame(self.proc.stdin.fileno(), wire.pack(dict(job, op="run", run=run_id), blobs))
         except OSError:
             raise WorkerDied(self._death_reason()) from None
         deadline = time.monotonic() + overall_timeout
         while True:
             header, data = self._read(deadline)
+            if header.get("run") != run_id:
+                raise WorkerDied("the grading worker sent a message that was not part of this run")
             if header.get("kind") == "end":
                 yield header, []
                 return
             if header.get("kind") == "child" and len(data) == 1:
                 try:
-                    yield wire.unpack(data[0])
+                    message, message_blobs = wire.unpack(data[0])
                 except wire.WireError:
                     continue
+                yield dict(message, kind="child"), message_blobs
 
     def close(self) -> None:
         """Stop the server (and with it any sandboxed process) and remove its scratch space."""
