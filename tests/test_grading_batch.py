@@ -14,8 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from vitcourse.grading.grader import build_units
 from vitcourse.grading.runtime import call
 from vitcourse.grading.sandbox import Worker, build_view, bwrap_status
 from vitcourse.grading.spec import chapter_names, load_chapter
@@ -32,6 +34,16 @@ def grade(submissions: Path, out: Path, *extra: str) -> subprocess.CompletedProc
          "--time-limit", "3", *extra],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
+
+
+def input_values(tree) -> list[float]:
+    """The first three finite values of every input array in a task tree."""
+    if isinstance(tree, dict):
+        found = [float(v) for v in np.asarray(tree["$arr"]).ravel()[:3] if np.isfinite(v)] if "$arr" in tree else []
+        return found + [v for key, value in tree.items() if key != "$arr" for v in input_values(value)]
+    if isinstance(tree, list):
+        return [v for item in tree for v in input_values(item)]
+    return []
 
 
 def rows(out: Path) -> dict[str, dict[str, str]]:
@@ -87,6 +99,11 @@ def test_csv_feedback_and_summary(corpus_run):
     assert "SIGSEGV" in segfault
     missing = (out / "feedback" / "retyped_cell.html").read_text()
     assert "markdown cell, so it was not run" in missing
+    leak = (out / "feedback" / "leaks_hidden_inputs.html").read_text()
+    assert "softmax saw" in leak and "setup saw" in leak  # public checks keep the code's own messages
+    seen = {f"{v:.6f}" for u in build_units(load_chapter("ch01")) if not u.hidden for v in input_values(u.case.task)}
+    hidden = {f"{v:.6f}" for u in build_units(load_chapter("ch01")) if u.hidden for v in input_values(u.case.task)}
+    assert hidden - seen and not [v for v in hidden - seen if v in leak]
     killer = (out / "feedback" / "kills_grader_worker.html").read_text()
     assert ("ended the process" if SANDBOX else "killed the grading process") in killer  # PID 1 ignores it
 

@@ -13,9 +13,10 @@ import torch
 
 from vitcourse.grading import check, wire
 from vitcourse.grading.generate import make_student, regenerate, strip_solutions
+from vitcourse.grading.grader import error_text
 from vitcourse.grading.notebook import Cell, Notebook, read_cells, select_statements
 from vitcourse.grading.public import CheckFailed, NotDoneYet
-from vitcourse.grading.spec import allclose, chapter_names, exact, load_chapter
+from vitcourse.grading.spec import Case, allclose, chapter_names, exact, load_chapter, seed_for, verdict
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -130,3 +131,34 @@ def test_wire_keeps_scalars_scalar():
         back = wire.bytes_to_array(wire.array_to_bytes(value))
         assert back.shape == np.asarray(value).shape
         np.testing.assert_array_equal(back, value)
+
+
+def test_hidden_checks_say_what_differs_without_any_value():
+    compare = allclose()
+    assert compare(np.full(2, 0.5123), np.zeros(2), hidden=True).startswith("largest absolute error 0.5 ")
+    assert compare(np.zeros((3, 2)), np.zeros((2, 3)), hidden=True) == "expected shape (2, 3), got shape (3, 2)"
+    assert exact()(11, 12, hidden=True) == "the number differs from the expected one"
+    message = exact()({"a": 1, "secret": 2}, {"a": 1, "b": 3}, hidden=True)
+    assert "secret" not in message and "'b'" not in message
+    custom = Case(task={}, expected=12, compare=lambda actual, expected: f"expected {expected}, got {actual}")
+    assert verdict(custom, 11, hidden=False) == "expected 12, got 11"
+    assert verdict(custom, 11, hidden=True) == "the result differs from the expected one"
+
+
+def test_errors_of_hidden_runs_keep_only_type_and_location():
+    header = {"error": "ValueError: inputs 0.25 0.5 (cell 3, line 2)", "error_type": "ValueError",
+              "where": "cell 3, line 2"}
+    assert error_text(header, False, {3}) == header["error"]
+    assert error_text(header, True, {3}) == "ValueError (cell 3, line 2)"
+    assert error_text(header, True, {4}) == "ValueError"  # not a cell that ran: no location
+    forged = {"error_type": "Leak_0_25", "where": "cell 3, line 2 and 0.25"}
+    assert error_text(forged, True, {3}) == "an exception"
+
+
+def test_salt_changes_only_the_hidden_inputs():
+    def draw(**kwargs):
+        return seed_for("ch01", "1.1", 0, **kwargs).random(3)
+
+    np.testing.assert_array_equal(draw(hidden=False), draw(hidden=False, salt="term 2"))
+    np.testing.assert_array_equal(draw(hidden=True), draw(hidden=True, salt=""))
+    assert not np.array_equal(draw(hidden=True), draw(hidden=True, salt="term 2"))

@@ -51,11 +51,15 @@ def student_key(name: str) -> str:
     return safe
 
 
-def grader_version(chapter: str) -> str:
-    """Hash of the grading code and the chapter's specs: a change means results are regraded."""
+SALT_VARIABLE = "VITCOURSE_GRADING_SALT"
+"""Environment variable holding the instructor's secret salt for hidden-check inputs."""
+
+
+def grader_version(chapter: str, salt: str = "") -> str:
+    """Hash of the grading code, the chapter's specs and the salt: a change means results are regraded."""
     here = Path(__file__).parent
     files = sorted(here.glob("*.py")) + [here / "exercises" / f"{chapter}.py", here / "hidden" / f"{chapter}.py"]
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(hashlib.sha256(salt.encode()).digest())
     for f in files:
         if f.exists():
             digest.update(f.read_bytes())
@@ -122,7 +126,7 @@ def write_csv(out: Path, results: list[StudentResult], exercise_ids: list[str]) 
 def grade_folder(
     submissions: Path, out: Path, workers: int | None = None, force: bool = False,
     chapter: str | None = None, students: list[str] | None = None, limits: Limits | None = None,
-    sandbox: bool | None = None, progress: bool = True,
+    sandbox: bool | None = None, progress: bool = True, salt: str | None = None,
 ) -> BatchReport:
     """Grade every notebook in ``submissions`` into ``out``; see the module docstring.
 
@@ -135,6 +139,8 @@ def grade_folder(
         students: grade only these students (file names without ``.ipynb``).
         limits: resource limits per submission.
         sandbox: use bubblewrap (``None``: whenever it works).
+        salt: a secret that changes the hidden checks' inputs (``None``: the environment
+            variable ``VITCOURSE_GRADING_SALT``, else none).
     """
     start = time.monotonic()
     files = find_submissions(Path(submissions))
@@ -146,7 +152,8 @@ def grade_folder(
             raise GradingError(f"no submission for {', '.join(sorted(missing))} in {submissions}.")
     name = choose_chapter(files, chapter)
     spec = load_chapter(name)
-    version = grader_version(name)
+    salt = os.environ.get(SALT_VARIABLE, "") if salt is None else salt
+    version = grader_version(name, salt)
     out = Path(out)
     (out / "results").mkdir(parents=True, exist_ok=True)
     usable, description = bwrap_status()
@@ -171,7 +178,7 @@ def grade_folder(
     lock = threading.Lock()
     write_csv(out, list(results.values()), exercise_ids)
 
-    units = build_units(spec) if pending else []
+    units = build_units(spec, salt) if pending else []
     jobs: queue.Queue = queue.Queue()
     for item in pending:
         jobs.put(item)
