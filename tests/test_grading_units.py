@@ -67,9 +67,21 @@ def test_select_statements_recovers_from_syntax_errors_and_skips_top_level_work(
 
 def test_duplicated_stub_gives_way_to_the_real_answer():
     real = "def softmax(x, dim=-1):\n    return x.softmax(dim)"
-    stub = "def softmax(x, dim=-1):\n    raise NotImplementedError()"
+    stub = strip_solutions("def softmax(x, dim=-1):\n    ### BEGIN SOLUTION\n    pass\n    ### END SOLUTION\n")
     statements, _ = select_statements(Notebook(cells=[Cell(1, "code", real), Cell(2, "code", stub)]), {"softmax"})
     assert [s.cell for s in statements] == [1]
+
+
+def test_only_the_generated_stub_counts_as_unanswered():
+    # a real answer that raises NotImplementedError for an option it does not support
+    real = "def softmax(x, dim=-1):\n    if dim != -1:\n        raise NotImplementedError('dim')\n    return x.softmax(dim)"
+    stub = "def softmax(x, dim=-1):\n    # YOUR CODE HERE\n    raise NotImplementedError()"
+    statements, _ = select_statements(Notebook(cells=[Cell(1, "code", real), Cell(2, "code", stub)]), {"softmax"})
+    assert [s.cell for s in statements] == [1]
+    # without the generated stub, the later definition wins, as when running the notebook
+    other = "def softmax(x, dim=-1):\n    raise NotImplementedError"
+    statements, _ = select_statements(Notebook(cells=[Cell(1, "code", real), Cell(2, "code", other)]), {"softmax"})
+    assert [s.cell for s in statements] == [1, 2]
 
 
 def test_wire_refuses_pickles_and_object_arrays():
