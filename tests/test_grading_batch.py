@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vitcourse.grading.batch import grade_folder
 from vitcourse.grading.grader import build_units
 from vitcourse.grading.runtime import call
 from vitcourse.grading.sandbox import Worker, build_view, bwrap_status
@@ -156,6 +157,17 @@ def test_kill_and_resume_loses_nothing(tmp_path):
     assert again.returncode == 0, again.stderr
     assert f"{12 - len(finished)} graded now, {len(finished)} kept" in again.stdout
     assert len(rows(out)) == 12 and all(r["total"] == "9" for r in rows(out).values())
+
+
+def test_no_sandbox_is_said_before_grading_and_its_results_are_regraded_in_one(tmp_path, capfd):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    (subs / "ada.ipynb").write_text("{")  # nothing to run: no worker needed
+    report = grade_folder(subs, tmp_path / "out", sandbox=False, chapter="ch01", progress=False)
+    assert capfd.readouterr().err.startswith("NO SANDBOX")
+    assert report.sandbox.startswith("NO SANDBOX") and report.graded == 1
+    again = grade_folder(subs, tmp_path / "out", chapter="ch01", progress=False)
+    assert again.graded == (1 if SANDBOX else 0)  # a sandbox now: what ran without one is regraded
 
 
 def test_bad_input_is_one_sentence(tmp_path):

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from vitcourse.grading import check, wire
+from vitcourse.grading.batch import _load_result, grader_version, version_sources
 from vitcourse.grading.generate import make_student, regenerate, strip_solutions
-from vitcourse.grading.grader import error_text
+from vitcourse.grading.grader import CheckResult, StudentResult, error_text
 from vitcourse.grading.notebook import Cell, Notebook, read_cells, select_statements
 from vitcourse.grading.public import CheckFailed, NotDoneYet
+from vitcourse.grading.sandbox import PACKAGE_DIR
 from vitcourse.grading.spec import Case, allclose, chapter_names, exact, load_chapter, seed_for, verdict
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -174,3 +176,27 @@ def test_salt_changes_only_the_hidden_inputs():
     np.testing.assert_array_equal(draw(hidden=False), draw(hidden=False, salt="term 2"))
     np.testing.assert_array_equal(draw(hidden=True), draw(hidden=True, salt=""))
     assert not np.array_equal(draw(hidden=True), draw(hidden=True, salt="term 2"))
+
+
+def test_grader_version_covers_reference_code_and_salt():
+    sources = {str(p.relative_to(PACKAGE_DIR)) for p in version_sources("ch01")}
+    assert {"grading/exercises/_common.py", "grading/hidden/ch01.py", "attention.py", "vit.py"} <= sources
+    assert "train.py" not in sources  # code that decides no grade
+    assert grader_version("ch01") != grader_version("ch01", salt="term 2")
+
+
+def test_stored_results_are_checked_before_a_rerun_trusts_them(tmp_path):
+    chapter = load_chapter("ch01")
+    submission = tmp_path / "ada.ipynb"
+    good = StudentResult("ada", "ada.ipynb", "0" * 64, "ch01", "v", True,
+                         scores={"1.1": 2.0, "1.2": 0.0, "1.3": 0.0},
+                         maximum={ex.id: ex.points for ex in chapter.exercises},
+                         checks=[CheckResult("1.1", "d", False, 2.0, 2.0)])
+    path = tmp_path / "ada.json"
+    path.write_text(json.dumps(good.to_json()))
+    assert _load_result(path, submission, chapter) == good
+    for change in ({"scores": {"1.1": 2.0, "1.2": 3.0, "1.3": 0.0}},  # more than its checks earned
+                   {"student": "bob"}, {"maximum": {"1.1": 20}}, {"checks": [{"exercise": "1.1"}]},
+                   {"extra": 1}, {"sandbox": "yes"}):
+        path.write_text(json.dumps(dict(good.to_json(), **change)))
+        assert _load_result(path, submission, chapter) is None, change
