@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from vitcourse.grading.generate import make_student, regenerate, strip_solutions
 from vitcourse.grading.grader import CheckResult, StudentResult, error_text
 from vitcourse.grading.notebook import Cell, Notebook, read_cells, select_statements
 from vitcourse.grading.public import CheckFailed, NotDoneYet
-from vitcourse.grading.sandbox import PACKAGE_DIR
+from vitcourse.grading.sandbox import PACKAGE_DIR, _system_binds
 from vitcourse.grading.spec import Case, allclose, chapter_names, exact, load_chapter, seed_for, verdict
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -200,3 +201,11 @@ def test_stored_results_are_checked_before_a_rerun_trusts_them(tmp_path):
                    {"extra": 1}, {"sandbox": "yes"}):
         path.write_text(json.dumps(dict(good.to_json(), **change)))
         assert _load_result(path, submission, chapter) is None, change
+
+
+def test_sandbox_binds_this_python_not_all_of_opt():
+    binds = _system_binds()
+    sources = {binds[i + 1] for i, flag in enumerate(binds) if flag == "--ro-bind"}
+    assert "/opt" not in sources
+    for prefix in {sys.prefix, sys.base_prefix}:
+        assert prefix in sources or prefix.startswith(("/usr/", "/etc/")), prefix
