@@ -54,8 +54,8 @@ def method_body(nb, marker: str, extra: str) -> None:
     text = src(nb, MHSA)
     head = f"    def {marker}"
     start = text.index(head)
-    body = text.index("### BEGIN SOLUTION", start)
-    set_src(nb, MHSA, text[:body] + extra.strip("\n") + "\n        " + text[body:])
+    body = text.rindex("\n", 0, text.index("### BEGIN SOLUTION", start)) + 1  # start of the marker's line
+    set_src(nb, MHSA, text[:body] + extra.strip("\n") + "\n" + text[body:])
 
 
 @case("missing_cell", (2, 3, 0))
@@ -99,12 +99,16 @@ def _(nb):
         "    ### BEGIN SOLUTION", "    while dim != -1:\n        pass\n    ### BEGIN SOLUTION", 1))
 
 
-@case("memory_bomb", (2, 3, 0))
+# forward() fails, so do the output checks of 1.3; its parameter checks pass
+@case("memory_bomb", (2, 3, 1.6))
 def _(nb):
-    method_body(nb, "forward", "        hoard = []\n        while True:\n            hoard.append(bytearray(50_000_000))")
+    # 1 GiB more each time until the memory limit stops it: quick, so the outcome does not
+    # depend on the machine's speed (a bomb that fills memory slowly would hit the time limit)
+    method_body(nb, "forward", "        hoard = [bytearray(100_000_000)]\n        while True:\n"
+                               "            hoard.append(torch.empty(2**28))")
 
 
-@case("huge_output", (2, 3, 0))
+@case("huge_output", (2, 3, 1.6))
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace(
         "    ### BEGIN SOLUTION", "    print('x' * 20_000_000)\n    ### BEGIN SOLUTION", 1))
