@@ -183,7 +183,8 @@ def _friendly(header: dict, tainted: bool, cells: set[int]) -> str:
     if kind == "NotImplementedError":
         return "not answered yet (the code still raises NotImplementedError)"
     if kind == "Unsupported":
-        return "your code returned a value the grader cannot compare" if tainted else f"your code {header.get('error')}"
+        return ("your code returned a value the grader cannot compare" if tainted
+                else f"your code {str(header.get('error'))[:400]}")
     return f"your code raised {error_text(header, tainted, cells)}"
 
 

@@ -33,7 +33,6 @@ import ctypes
 import os
 import resource
 import select
-import shutil
 import signal
 import struct
 import sys
@@ -263,27 +262,30 @@ def _kill_all() -> None:
         time.sleep(0.01)
 
 
+def _remove(path: str) -> None:
+    """Remove a file or a whole tree, making each folder writable first (the student code may not have)."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, 0o700)
+            for entry in os.listdir(path):
+                _remove(os.path.join(path, entry))
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
 def _wipe(directory: str) -> bool:
     """Empty ``directory`` (the run's scratch space) without removing it; True if it is empty now.
 
     Modes the student code set (a folder it made unreadable, or ``chmod 0`` on the
     scratch space itself) are reset first: the next run must find nothing of this one.
     """
-    def remove(_function, path, _exc_info) -> None:
-        try:
-            os.chmod(os.path.dirname(path), 0o700)
-            if os.path.isdir(path) and not os.path.islink(path):
-                os.chmod(path, 0o700)
-                shutil.rmtree(path, onerror=remove)
-            else:
-                os.unlink(path)
-        except OSError:
-            pass
-
     try:
         os.chmod(directory, 0o700)
         for entry in os.listdir(directory):
-            remove(None, os.path.join(directory, entry), None)
+            _remove(os.path.join(directory, entry))
         return not os.listdir(directory)
     except Exception:  # noqa: BLE001 - e.g. RecursionError on a very deep tree
         return False
