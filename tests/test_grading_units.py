@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +13,13 @@ import pytest
 import torch
 
 from vitcourse.grading import check, wire
+from vitcourse.grading.batch import _load_result, grader_version, version_sources
 from vitcourse.grading.generate import make_student, regenerate, strip_solutions
+from vitcourse.grading.grader import CheckResult, StudentResult, error_text
 from vitcourse.grading.notebook import Cell, Notebook, read_cells, select_statements
 from vitcourse.grading.public import CheckFailed, NotDoneYet
-from vitcourse.grading.spec import allclose, chapter_names, exact, load_chapter
+from vitcourse.grading.sandbox import PACKAGE_DIR, _system_binds
+from vitcourse.grading.spec import Case, allclose, chapter_names, exact, load_chapter, seed_for, verdict
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -66,9 +70,21 @@ def test_select_statements_recovers_from_syntax_errors_and_skips_top_level_work(
 
 def test_duplicated_stub_gives_way_to_the_real_answer():
     real = "def softmax(x, dim=-1):\n    return x.softmax(dim)"
-    stub = "def softmax(x, dim=-1):\n    raise NotImplementedError()"
+    stub = strip_solutions("def softmax(x, dim=-1):\n    ### BEGIN SOLUTION\n    pass\n    ### END SOLUTION\n")
     statements, _ = select_statements(Notebook(cells=[Cell(1, "code", real), Cell(2, "code", stub)]), {"softmax"})
     assert [s.cell for s in statements] == [1]
+
+
+def test_only_the_generated_stub_counts_as_unanswered():
+    # a real answer that raises NotImplementedError for an option it does not support
+    real = "def softmax(x, dim=-1):\n    if dim != -1:\n        raise NotImplementedError('dim')\n    return x.softmax(dim)"
+    stub = "def softmax(x, dim=-1):\n    # YOUR CODE HERE\n    raise NotImplementedError()"
+    statements, _ = select_statements(Notebook(cells=[Cell(1, "code", real), Cell(2, "code", stub)]), {"softmax"})
+    assert [s.cell for s in statements] == [1]
+    # without the generated stub, the later definition wins, as when running the notebook
+    other = "def softmax(x, dim=-1):\n    raise NotImplementedError"
+    statements, _ = select_statements(Notebook(cells=[Cell(1, "code", real), Cell(2, "code", other)]), {"softmax"})
+    assert [s.cell for s in statements] == [1, 2]
 
 
 def test_wire_refuses_pickles_and_object_arrays():
@@ -130,3 +146,66 @@ def test_wire_keeps_scalars_scalar():
         back = wire.bytes_to_array(wire.array_to_bytes(value))
         assert back.shape == np.asarray(value).shape
         np.testing.assert_array_equal(back, value)
+
+
+def test_hidden_checks_say_what_differs_without_any_value():
+    compare = allclose()
+    assert compare(np.full(2, 0.5123), np.zeros(2), hidden=True).startswith("largest absolute error 0.5 ")
+    assert compare(np.zeros((3, 2)), np.zeros((2, 3)), hidden=True) == "expected shape (2, 3), got shape (3, 2)"
+    assert exact()(11, 12, hidden=True) == "the number differs from the expected one"
+    message = exact()({"a": 1, "secret": 2}, {"a": 1, "b": 3}, hidden=True)
+    assert "secret" not in message and "'b'" not in message
+    custom = Case(task={}, expected=12, compare=lambda actual, expected: f"expected {expected}, got {actual}")
+    assert verdict(custom, 11, hidden=False) == "expected 12, got 11"
+    assert verdict(custom, 11, hidden=True) == "the result differs from the expected one"
+
+
+def test_errors_of_hidden_runs_keep_only_type_and_location():
+    header = {"error": "ValueError: inputs 0.25 0.5 (cell 3, line 2)", "error_type": "ValueError",
+              "where": "cell 3, line 2"}
+    assert error_text(header, False, {3}) == header["error"]
+    assert error_text(header, True, {3}) == "ValueError (cell 3, line 2)"
+    assert error_text(header, True, {4}) == "ValueError"  # not a cell that ran: no location
+    forged = {"error_type": "Leak_0_25", "where": "cell 3, line 2 and 0.25"}
+    assert error_text(forged, True, {3}) == "an exception"
+
+
+def test_salt_changes_only_the_hidden_inputs():
+    def draw(**kwargs):
+        return seed_for("ch01", "1.1", 0, **kwargs).random(3)
+
+    np.testing.assert_array_equal(draw(hidden=False), draw(hidden=False, salt="term 2"))
+    np.testing.assert_array_equal(draw(hidden=True), draw(hidden=True, salt=""))
+    assert not np.array_equal(draw(hidden=True), draw(hidden=True, salt="term 2"))
+
+
+def test_grader_version_covers_reference_code_and_salt():
+    sources = {str(p.relative_to(PACKAGE_DIR)) for p in version_sources("ch01")}
+    assert {"grading/exercises/_common.py", "grading/hidden/ch01.py", "attention.py", "vit.py"} <= sources
+    assert "train.py" not in sources  # code that decides no grade
+    assert grader_version("ch01") != grader_version("ch01", salt="term 2")
+
+
+def test_stored_results_are_checked_before_a_rerun_trusts_them(tmp_path):
+    chapter = load_chapter("ch01")
+    submission = tmp_path / "ada.ipynb"
+    good = StudentResult("ada", "ada.ipynb", "0" * 64, "ch01", "v", True,
+                         scores={"1.1": 2.0, "1.2": 0.0, "1.3": 0.0},
+                         maximum={ex.id: ex.points for ex in chapter.exercises},
+                         checks=[CheckResult("1.1", "d", False, 2.0, 2.0)])
+    path = tmp_path / "ada.json"
+    path.write_text(json.dumps(good.to_json()))
+    assert _load_result(path, submission, chapter) == good
+    for change in ({"scores": {"1.1": 2.0, "1.2": 3.0, "1.3": 0.0}},  # more than its checks earned
+                   {"student": "bob"}, {"maximum": {"1.1": 20}}, {"checks": [{"exercise": "1.1"}]},
+                   {"extra": 1}, {"sandbox": "yes"}):
+        path.write_text(json.dumps(dict(good.to_json(), **change)))
+        assert _load_result(path, submission, chapter) is None, change
+
+
+def test_sandbox_binds_this_python_not_all_of_opt():
+    binds = _system_binds()
+    sources = {binds[i + 1] for i, flag in enumerate(binds) if flag == "--ro-bind"}
+    assert "/opt" not in sources
+    for prefix in {sys.prefix, sys.base_prefix}:
+        assert prefix in sources or prefix.startswith(("/usr/", "/etc/")), prefix

@@ -44,6 +44,8 @@ def command(name: str, help: str, args: list | None = None) -> Callable:
     (("--student",), {"action": "append", "help": "grade only this student (repeatable)"}),
     (("--chapter",), {"help": "ch01, ch02, ... (default: detected)"}),
     (("--time-limit",), {"type": float, "default": 10.0, "help": "seconds per exercise (default 10)"}),
+    (("--salt",), {"default": None, "help": "a secret that changes the hidden checks' inputs "
+                                            "(default: $VITCOURSE_GRADING_SALT, else none)"}),
     (("--no-progress",), {"action": "store_true", "help": "no progress bar"}),
 ])
 def _grade(ns: argparse.Namespace) -> int:
@@ -57,7 +59,7 @@ def _grade(ns: argparse.Namespace) -> int:
     try:
         report = grade_folder(ns.submissions, ns.out, workers=ns.workers, force=ns.force, chapter=ns.chapter,
                               students=ns.student, limits=Limits(exercise_seconds=ns.time_limit),
-                              progress=not ns.no_progress)
+                              progress=not ns.no_progress, salt=ns.salt)
     except GradingError as err:
         raise UsageError(str(err)) from None
     sys.stdout.write(summary_text(report, load_chapter(report.chapter)))

@@ -54,8 +54,8 @@ def method_body(nb, marker: str, extra: str) -> None:
     text = src(nb, MHSA)
     head = f"    def {marker}"
     start = text.index(head)
-    body = text.index("### BEGIN SOLUTION", start)
-    set_src(nb, MHSA, text[:body] + extra.strip("\n") + "\n        " + text[body:])
+    body = text.rindex("\n", 0, text.index("### BEGIN SOLUTION", start)) + 1  # start of the marker's line
+    set_src(nb, MHSA, text[:body] + extra.strip("\n") + "\n" + text[body:])
 
 
 @case("missing_cell", (2, 3, 0))
@@ -99,12 +99,16 @@ def _(nb):
         "    ### BEGIN SOLUTION", "    while dim != -1:\n        pass\n    ### BEGIN SOLUTION", 1))
 
 
-@case("memory_bomb", (2, 3, 0))
+# forward() fails, so do the output checks of 1.3; its parameter checks pass
+@case("memory_bomb", (2, 3, 1.6))
 def _(nb):
-    method_body(nb, "forward", "        hoard = []\n        while True:\n            hoard.append(bytearray(50_000_000))")
+    # 1 GiB more each time until the memory limit stops it: quick, so the outcome does not
+    # depend on the machine's speed (a bomb that fills memory slowly would hit the time limit)
+    method_body(nb, "forward", "        hoard = [bytearray(100_000_000)]\n        while True:\n"
+                               "            hoard.append(torch.empty(2**28))")
 
 
-@case("huge_output", (2, 3, 0))
+@case("huge_output", (2, 3, 1.6))
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace(
         "    ### BEGIN SOLUTION", "    print('x' * 20_000_000)\n    ### BEGIN SOLUTION", 1))
@@ -132,9 +136,12 @@ def _(nb):
 
 @case("kills_grader_worker", (2, 1.8, 4))
 def _(nb):
+    # Without a sandbox this kills the worker; in one, the worker is PID 1 of its namespace,
+    # which ignores the signal, and the code ends its own process instead.
     set_src(nb, ATTENTION, src(nb, ATTENTION).replace(
         "    ### BEGIN SOLUTION",
-        "    if mask is not None:\n        import os, signal\n        os.kill(os.getppid(), signal.SIGKILL)\n"
+        "    if mask is not None:\n        import os, signal\n        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):\n"
+        "            os.kill(os.getppid(), sig)\n        os._exit(0)\n"
         "    ### BEGIN SOLUTION", 1))
 
 
@@ -230,6 +237,97 @@ def softmax(x, dim=-1):
         except OSError:
             pass
     return x
+''')
+    set_src(nb, ATTENTION, OWN_ATTENTION)
+
+
+# Run at the end of the answer cells: claims the right softmax for every check, this run's
+# and the next ones' (the next student's, on the same worker), through every channel to the
+# grader except its own pipe (what it says there is its answer, checked like any other).
+FORGE = '''
+
+def _forge():
+    import json, os, struct, sys
+    from vitcourse.grading import runtime, wire
+
+    job, blobs, own = None, [], set()
+    frame = sys._getframe()
+    while frame is not None:  # the worker's frames: the job, the server's pipes
+        local = frame.f_locals
+        if frame.f_code.co_name == "_child":
+            job, blobs, own = local["job"], local["blobs"], {local["out_fd"], local["ack_fd"]}
+        frame = frame.f_back
+    if job is None:
+        return
+    right = dict(globals(), softmax=lambda x, dim=-1: torch.softmax(x, dim))
+
+    def message(header, data=()):
+        header = dict(header, run=job.get("run"), blobs=[len(b) for b in data])
+        head = json.dumps(header).encode()
+        payload = struct.pack(">I", len(head)) + head + b"".join(data)
+        return struct.pack(">I", len(payload)) + payload
+
+    claims = []
+    for task in job["tasks"]:
+        out = []
+        value = wire.encode_value(runtime.to_plain(runtime.evaluate(task["tree"], right, blobs)), out)
+        for event in ({"event": "begin", "unit": task["id"]},
+                      {"event": "done", "unit": task["id"], "ok": True, "value": value}):
+            inner = message(event, out if event["event"] == "done" else ())[4:]
+            claims.append(message({"kind": "child"}, [inner]))
+    end = message({"kind": "end", "status": "exit", "code": 0, "unit": None, "budgets": job["budgets"]})
+    forged = b"".join(claims) + end + (b"".join(claims) + end) * 3
+    targets = [fd for fd in range(1024) if fd not in own]
+    for pid in {os.getppid(), 1}:
+        for name in ("fd/0", "fd/1", "fd/2", "fd/3", "fd/4", "mem"):
+            try:
+                targets.append(os.open(f"/proc/{pid}/{name}", os.O_WRONLY))
+            except OSError:
+                pass
+    for fd in targets:
+        try:
+            os.write(fd, forged)
+        except OSError:
+            pass
+
+
+_forge()
+'''
+
+
+@case("forged_messages", (0, 3, 4), sandbox=True)
+def _(nb):
+    set_src(nb, SOFTMAX, "def softmax(x, dim=-1):\n    return x  # wrong: the forged messages claim otherwise")
+    set_src(nb, ATTENTION, OWN_ATTENTION)
+    set_src(nb, MHSA, src(nb, MHSA) + FORGE)
+
+
+@case("leaks_hidden_inputs", (0, 3, 4))
+def _(nb):
+    # Puts every input its run received (from the worker's frames) into error messages:
+    # the feedback must show none of the hidden ones.
+    set_src(nb, SOFTMAX, '''
+import io
+import sys
+
+import numpy as np
+
+
+def _inputs():
+    frame = sys._getframe()
+    while frame is not None and frame.f_code.co_name != "_child":
+        frame = frame.f_back
+    if frame is None:
+        return "nothing"
+    return " ".join(f"{v:.6f}" for b in frame.f_locals["blobs"] for v in np.load(io.BytesIO(b)).ravel()[:3])
+
+
+raise ValueError("setup saw " + _inputs())
+
+
+def softmax(x, dim=-1):
+    mine = " ".join(f"{v:.6f}" for v in x.flatten()[:3].tolist())
+    raise ValueError(f"softmax saw {mine} in a run holding {_inputs()}")
 ''')
     set_src(nb, ATTENTION, OWN_ATTENTION)
 

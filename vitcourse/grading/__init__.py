@@ -41,8 +41,9 @@ Adding the exercises of a chapter (chapters 5-7 follow these steps)
 3. Write ``vitcourse/grading/hidden/chNN.py`` with ``HIDDEN``: other shapes, edge
    cases, extreme values. Reuse the public case builders with other arguments.
 4. Run ``vitcourse notebooks`` (writes nbgrader metadata into the solution notebook
-   and generates the student notebook), then ``pytest tests/test_grading_notebooks.py``:
-   every solution notebook must score full marks and every student notebook zero.
+   and generates the student notebook), then ``pytest tests/test_grading_units.py
+   tests/test_grading_batch.py``: every solution notebook must score full marks and
+   every student notebook zero.
 
 Points are split over an exercise's checks (public and hidden) by their weights.
 """

@@ -8,6 +8,7 @@ batch.
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import io
@@ -15,17 +16,18 @@ import json
 import os
 import queue
 import re
+import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .feedback import write_feedback, write_summary
-from .grader import Limits, StudentResult, SubmissionGrader, build_units, file_sha256
+from .grader import CheckResult, Limits, StudentResult, SubmissionGrader, build_units, file_sha256
 from .notebook import detect_chapter, read_cells
 from .sandbox import Worker, build_view, bwrap_status
-from .spec import chapter_names, load_chapter
+from .spec import Chapter, chapter_names, load_chapter
 
 
 class GradingError(Exception):
@@ -51,14 +53,50 @@ def student_key(name: str) -> str:
     return safe
 
 
-def grader_version(chapter: str) -> str:
-    """Hash of the grading code and the chapter's specs: a change means results are regraded."""
-    here = Path(__file__).parent
-    files = sorted(here.glob("*.py")) + [here / "exercises" / f"{chapter}.py", here / "hidden" / f"{chapter}.py"]
-    digest = hashlib.sha256()
-    for f in files:
-        if f.exists():
-            digest.update(f.read_bytes())
+SALT_VARIABLE = "VITCOURSE_GRADING_SALT"
+"""Environment variable holding the instructor's secret salt for hidden-check inputs."""
+
+
+def _imported_sources(path: Path, found: set[Path]) -> None:
+    """Add ``path`` and every module of the ``vitcourse`` package it imports, transitively, to ``found``."""
+    if path in found or not path.is_file():
+        return
+    found.add(path)
+    root = Path(__file__).resolve().parent.parent.parent  # holds the vitcourse package
+    package = path.relative_to(root).parent.parts  # ("vitcourse", "grading", "exercises")
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name.split(".") for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            module = base + (node.module.split(".") if node.module else [])
+            names = [module] + [module + [alias.name] for alias in node.names]  # a module or a name in it
+        else:
+            continue
+        for parts in names:
+            if parts[:1] == ["vitcourse"]:
+                _imported_sources(root.joinpath(*parts).with_suffix(".py"), found)
+                for depth in range(1, len(parts) + 1):  # the packages on the way run too
+                    _imported_sources(root.joinpath(*parts[:depth], "__init__.py"), found)
+
+
+def version_sources(chapter: str) -> list[Path]:
+    """The files that decide a grade: the grading code, the chapter's specs and hidden checks,
+    and every module they import (``exercises/_common.py``, the reference modules that compute
+    the expected values, ...)."""
+    here = Path(__file__).resolve().parent
+    found: set[Path] = set()
+    for path in [*here.glob("*.py"), here / "exercises" / f"{chapter}.py", here / "hidden" / "__init__.py",
+                 here / "hidden" / f"{chapter}.py"]:
+        _imported_sources(path, found)
+    return sorted(found)
+
+
+def grader_version(chapter: str, salt: str = "") -> str:
+    """Hash of :func:`version_sources` and of the salt of the hidden inputs: a change means results are regraded."""
+    digest = hashlib.sha256(hashlib.sha256(salt.encode()).digest())
+    for path in version_sources(chapter):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -102,11 +140,37 @@ def choose_chapter(files: list[Path], chapter: str | None) -> str:
     return max(votes, key=votes.get)
 
 
-def _load_result(path: Path) -> StudentResult | None:
+def _number(value, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def _well_formed(r: StudentResult, submission: Path, spec: Chapter) -> bool:
+    """Whether a stored result is exactly what this grader writes for this submission and chapter."""
+    points = {ex.id: ex.points for ex in spec.exercises}
+    earned = dict.fromkeys(points, 0.0)
+    for c in r.checks:
+        if not (isinstance(c, CheckResult) and c.exercise in points and isinstance(c.description, str)
+                and isinstance(c.hidden, bool) and isinstance(c.message, str)
+                and _number(c.points, 0, points[c.exercise]) and _number(c.earned, 0, c.points)):
+            return False
+        earned[c.exercise] += c.earned
+    return (r.student == submission.stem and r.file == submission.name and r.chapter == spec.name
+            and isinstance(r.sha256, str) and isinstance(r.version, str) and isinstance(r.sandbox, bool)
+            and r.maximum == points and isinstance(r.scores, dict) and set(r.scores) == set(points)
+            and all(_number(r.scores[e], 0, points[e]) and abs(r.scores[e] - earned[e]) <= 0.01 * (len(r.checks) + 1) for e in points)
+            and isinstance(r.problems, list) and all(isinstance(p, str) for p in r.problems))
+
+
+def _load_result(path: Path, submission: Path, spec: Chapter) -> StudentResult | None:
+    """The stored result of ``submission``, or None if it is missing or not well formed (then it is regraded)."""
     try:
-        return StudentResult.from_json(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, KeyError):
+        data = json.loads(path.read_text())
+        result = StudentResult.from_json(data)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
+    if set(data) != {f.name for f in fields(StudentResult)}:
+        return None
+    return result if _well_formed(result, submission, spec) else None
 
 
 def write_csv(out: Path, results: list[StudentResult], exercise_ids: list[str]) -> None:
@@ -122,7 +186,7 @@ def write_csv(out: Path, results: list[StudentResult], exercise_ids: list[str]) 
 def grade_folder(
     submissions: Path, out: Path, workers: int | None = None, force: bool = False,
     chapter: str | None = None, students: list[str] | None = None, limits: Limits | None = None,
-    sandbox: bool | None = None, progress: bool = True,
+    sandbox: bool | None = None, progress: bool = True, salt: str | None = None,
 ) -> BatchReport:
     """Grade every notebook in ``submissions`` into ``out``; see the module docstring.
 
@@ -135,6 +199,8 @@ def grade_folder(
         students: grade only these students (file names without ``.ipynb``).
         limits: resource limits per submission.
         sandbox: use bubblewrap (``None``: whenever it works).
+        salt: a secret that changes the hidden checks' inputs (``None``: the environment
+            variable ``VITCOURSE_GRADING_SALT``, else none).
     """
     start = time.monotonic()
     files = find_submissions(Path(submissions))
@@ -146,23 +212,29 @@ def grade_folder(
             raise GradingError(f"no submission for {', '.join(sorted(missing))} in {submissions}.")
     name = choose_chapter(files, chapter)
     spec = load_chapter(name)
-    version = grader_version(name)
+    salt = os.environ.get(SALT_VARIABLE, "") if salt is None else salt
+    version = grader_version(name, salt)
     out = Path(out)
     (out / "results").mkdir(parents=True, exist_ok=True)
     usable, description = bwrap_status()
     use_sandbox = usable if sandbox is None else sandbox and usable
+    why = description if not usable else "disabled"
     sandbox_line = (f"Sandbox: {description}; student code ran isolated, without network." if use_sandbox else
-                    f"NO SANDBOX: {description if not usable else 'disabled'}; student code ran with resource "
-                    "limits only and could read this machine's files.")
+                    f"NO SANDBOX: {why}; student code ran with resource limits only, as this user: "
+                    "it could read and change this machine's files.")
+    if not use_sandbox:  # said before grading starts too, not only in the report
+        sys.stderr.write(f"NO SANDBOX: {why}; student code will run with resource limits only, as this user: "
+                         "it can read and change this machine's files.\n")
 
     results: dict[str, StudentResult] = {}
     pending: list[tuple[Path, str]] = []
     for f in find_submissions(Path(submissions)):  # every student stays in the CSV
         key = student_key(f.stem)
-        old = _load_result(out / "results" / f"{key}.json")
+        old = _load_result(out / "results" / f"{key}.json", f, spec)
         if f in files:
             sha = file_sha256(f)
-            if force or old is None or old.sha256 != sha or old.version != version:
+            unsafe = old is not None and use_sandbox and not old.sandbox  # graded without one before
+            if force or old is None or unsafe or old.sha256 != sha or old.version != version:
                 pending.append((f, sha))
                 continue
         if old is not None:
@@ -171,7 +243,7 @@ def grade_folder(
     lock = threading.Lock()
     write_csv(out, list(results.values()), exercise_ids)
 
-    units = build_units(spec) if pending else []
+    units = build_units(spec, salt) if pending else []
     jobs: queue.Queue = queue.Queue()
     for item in pending:
         jobs.put(item)

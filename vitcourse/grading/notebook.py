@@ -14,8 +14,8 @@ only what defines the graded answers:
 Each top-level statement is run on its own, so one failing statement costs only
 itself. A cell with a syntax error is split at its top-level blocks and the
 blocks that parse are kept. When an answer name is defined more than once (a
-duplicated cell), definitions that still ``raise NotImplementedError`` give way to
-a real one.
+duplicated cell), definitions that still hold the generated stub (``# YOUR CODE
+HERE`` then ``raise NotImplementedError()``) give way to a real one.
 """
 
 from __future__ import annotations
@@ -187,14 +187,16 @@ def _calls_nothing(node: ast.AST) -> bool:
                    for n in ast.walk(node))
 
 
-def _is_stub(node: ast.AST) -> bool:
-    """True if a definition still contains ``raise NotImplementedError``."""
-    for n in ast.walk(node):
-        if isinstance(n, ast.Raise) and n.exc is not None:
-            target = n.exc.func if isinstance(n.exc, ast.Call) else n.exc
-            if isinstance(target, ast.Name) and target.id == "NotImplementedError":
-                return True
-    return False
+_STUB = re.compile(r"^[ \t]*# YOUR CODE HERE[ \t]*\n[ \t]*raise NotImplementedError\(\)", re.M)
+
+
+def _is_stub(source: str) -> bool:
+    """True if a definition's source still holds the stub the student notebook was generated with.
+
+    Only that pattern counts: a real answer may raise ``NotImplementedError`` itself
+    (for an option it does not support) and must not give way to a leftover stub.
+    """
+    return _STUB.search(source) is not None
 
 
 def _defined_names(stmt: ast.stmt) -> tuple[str, ...]:
@@ -242,11 +244,11 @@ def select_statements(nb: Notebook, answer_names: set[str]) -> tuple[list[Statem
         problems.extend(f"cell {cell.index}, {e}; the code in that part of the cell was not run" for e in errors)
         answer_cell = cell.solution or any(set(_defined_names(s)) & answer_names for s in stmts)
         chosen.extend((cell, s, src) for s, src in zip(stmts, sources) if _keep(s, answer_cell))
-    real = {n for _, s, _ in chosen for n in _defined_names(s) if not _is_stub(s)}
+    real = {n for _, s, src in chosen for n in _defined_names(s) if not _is_stub(src[1])}
     statements = []
     for cell, stmt, src in chosen:
         names = _defined_names(stmt)
-        if names and names[0] in real and _is_stub(stmt):
+        if names and names[0] in real and _is_stub(src[1]):
             continue  # a leftover stub next to a real answer (duplicated cell)
         statements.append(Statement(f"s{len(statements)}", src[1], cell.index, src[0], names))
     return statements, problems

@@ -3,8 +3,11 @@
 The pack holds the generated student notebooks, the ``vitcourse`` package without
 :mod:`vitcourse.grading.hidden` (the hidden checks), install files, and a README.
 It never holds the solution notebooks. The course package itself is the book's
-reference code (students read it in the chapters anyway); the public checks use it
-to compute expected values.
+reference code (students read it in the chapters anyway), and it answers some
+exercises (``vitcourse.attention`` holds chapter 1's softmax and attention); it
+stays in the pack because the notebooks of later chapters import it and the public
+checks compute their expected values with it. Grading hides it from the student
+process, but nothing stops a student from copying it.
 """
 
 from __future__ import annotations

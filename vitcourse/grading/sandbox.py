@@ -3,13 +3,15 @@
 What the student process can see, with bubblewrap (``bwrap``):
 
 * read-only: the system (``/usr``, ``/etc``, the ``/lib`` links), the Python
-  installation and the virtual environment the grader runs in;
+  installation and the virtual environment the grader runs in (not the rest of
+  ``/opt`` or ``/root``, even when they live there);
 * read-only at the package's own path: a *view* of ``vitcourse`` holding only the
   sandbox half of :mod:`vitcourse.grading` (``wire``, ``runtime``, ``worker``) and
   the core modules the chapter lets students use; never the hidden checks, the
   exercise specs, the reference modules the exercises ask students to write, the
   notebooks, the repository or the other submissions;
-* its own empty ``/tmp``; no network, no other processes (new PID namespace).
+* its own empty ``/tmp`` (256 MiB at most), a read-only ``/dev``; no network, no
+  other processes (new PID namespace), no capabilities even when the grader runs as root.
 
 Without bubblewrap the same fork server runs as a plain process, with the same
 resource limits, in a private scratch directory; the grader says so on the first
@@ -20,6 +22,8 @@ from __future__ import annotations
 
 import functools
 import os
+import secrets
+import select
 import shutil
 import subprocess
 import sys
@@ -32,6 +36,8 @@ from . import wire
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../vitcourse
 SANDBOX_FILES = ("__init__.py", "wire.py", "runtime.py", "worker.py")
 """The files of :mod:`vitcourse.grading` that the student process may see."""
+TMP_SIZE = 256 * 2**20
+"""Size of the sandbox's ``/tmp`` (where bubblewrap can limit it)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,8 +46,8 @@ def bwrap_status() -> tuple[bool, str]:
     exe = shutil.which("bwrap")
     if exe is None:
         return False, "bubblewrap (bwrap) is not installed"
-    probe = [exe, "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc",
-             "--dev", "/dev", "true"]
+    probe = [exe, "--unshare-all", "--cap-drop", "ALL", "--die-with-parent", "--ro-bind", "/", "/",
+             "--proc", "/proc", "--dev", "/dev", "true"]
     try:
         result = subprocess.run(probe, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as err:
@@ -97,9 +103,20 @@ def process_limit(extra: int = 128) -> int:
     return _count_processes(os.geteuid()) + extra
 
 
+@functools.lru_cache(maxsize=1)
+def _tmpfs_size() -> tuple[str, ...]:
+    """``--size`` for the sandbox's ``/tmp`` if this bubblewrap supports it (0.7 and newer)."""
+    try:
+        help_text = subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    return ("--size", str(TMP_SIZE)) if "--size" in help_text else ()
+
+
 def _system_binds() -> list[str]:
+    """Read-only binds of the system and of this Python (its installation and virtual environment only)."""
     args: list[str] = []
-    for top in ("usr", "etc", "opt"):
+    for top in ("usr", "etc"):
         if Path("/" + top).is_dir():
             args += ["--ro-bind", "/" + top, "/" + top]
     for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
@@ -110,7 +127,7 @@ def _system_binds() -> list[str]:
             args += ["--ro-bind", "/" + top, "/" + top]
     for prefix in sorted({sys.prefix, sys.base_prefix, sys.exec_prefix,
                           str(Path(sys.executable).resolve().parent.parent)}):
-        if not prefix.startswith(("/usr/", "/etc/", "/opt/")) and Path(prefix).is_dir():
+        if not prefix.startswith(("/usr/", "/etc/")) and Path(prefix).is_dir():
             args += ["--ro-bind", prefix, prefix]
     return args
 
@@ -144,14 +161,20 @@ class Worker:
             return [python, "-s", *entry, "--scratch", self.scratch, "--preload", self.preload]
         view = self.view_root / "vitcourse"
         return [
-            "bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+            # New PID, network, IPC... namespaces; no capabilities (not even as root), so the
+            # student process cannot reach the server through /proc; killed with the grader.
+            "bwrap", "--unshare-all", "--as-pid-1", "--cap-drop", "ALL", "--die-with-parent", "--new-session",
             # The empty /tmp comes first: binds listed after it may sit inside it (a course
-            # cloned under /tmp keeps its venv and package visible).
-            "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+            # cloned under /tmp keeps its venv and package visible). /dev is read-only, so
+            # nothing outlives a run in /dev/shm.
+            "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", *_tmpfs_size(), "--tmpfs", "/tmp",
             *_system_binds(),
             "--ro-bind", str(view), str(PACKAGE_DIR),
             "--chdir", "/tmp",
-            "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
+            # PYTHONPATH: the view is found however the package was installed (an editable
+            # install may point at another checkout, which the sandbox does not show)
+            "--clearenv", "--setenv", "PYTHONPATH", str(PACKAGE_DIR.parent),
+            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
             "--setenv", "LANG", "C.UTF-8", "--setenv", "OMP_NUM_THREADS", "1",
             "--setenv", "MKL_NUM_THREADS", "1", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
             python, "-s", *entry, "--scratch", "/tmp", "--preload", self.preload,
@@ -177,9 +200,17 @@ class Worker:
             raise WorkerDied("the grading worker did not start")
         self.vm_size = int(header.get("vm_size", 0))
 
-    def _read(self, deadline: float) -> tuple[dict, list[bytes]]:
-        import select
+    def ready(self) -> bool:
+        """True if the server runs and has sent nothing unread: a clean start for the next run.
 
+        Unread bytes can only be left by a run that ended early or by something other than
+        the server writing to its pipe; the grader then starts a new server.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        return not select.select([self.proc.stdout.fileno()], [], [], 0)[0]
+
+    def _read(self, deadline: float) -> tuple[dict, list[bytes]]:
         fd = self.proc.stdout.fileno()
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
@@ -204,24 +235,34 @@ class Worker:
     def run(self, job: dict, blobs: list[bytes], overall_timeout: float):
         """Send one run; yield ``(header, blobs)`` for each child message, then the end message.
 
+        Child messages always have ``kind`` ``"child"``; only the server's end message has
+        ``kind`` ``"end"``. Each server message must carry this run's random id: anything
+        else (bytes left over from an earlier run, or written by something other than the
+        server) means the stream cannot be trusted, and the worker is declared dead.
+
         Raises:
-            WorkerDied: if the server dies or goes silent for ``overall_timeout`` seconds.
+            WorkerDied: if the server dies, goes silent for ``overall_timeout`` seconds, or
+                sends a message that is not of this run.
         """
+        run_id = secrets.token_hex(16)
         try:
-            wire.write_frame(self.proc.stdin.fileno(), wire.pack(dict(job, op="run"), blobs))
+            wire.write_frame(self.proc.stdin.fileno(), wire.pack(dict(job, op="run", run=run_id), blobs))
         except OSError:
             raise WorkerDied(self._death_reason()) from None
         deadline = time.monotonic() + overall_timeout
         while True:
             header, data = self._read(deadline)
+            if header.get("run") != run_id:
+                raise WorkerDied("the grading worker sent a message that was not part of this run")
             if header.get("kind") == "end":
                 yield header, []
                 return
             if header.get("kind") == "child" and len(data) == 1:
                 try:
-                    yield wire.unpack(data[0])
+                    message, message_blobs = wire.unpack(data[0])
                 except wire.WireError:
                     continue
+                yield dict(message, kind="child"), message_blobs
 
     def close(self) -> None:
         """Stop the server (and with it any sandboxed process) and remove its scratch space."""

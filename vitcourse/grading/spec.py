@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,12 +20,14 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = [
-    "Case", "Check", "Exercise", "Chapter", "allclose", "exact",
+    "Case", "Check", "Exercise", "Chapter", "allclose", "exact", "verdict",
     "load_chapter", "chapter_names", "find_exercise",
 ]
 
-Comparison = Callable[[Any, Any], "str | None"]
-"""``compare(actual, expected)`` returns ``None`` when they agree, else one sentence saying why not."""
+Comparison = Callable[..., "str | None"]
+"""``compare(actual, expected, hidden=False)`` returns ``None`` when they agree, else one sentence
+saying why not. With ``hidden=True`` (a hidden check) the sentence shows neither expected values
+nor values the student's code chose (which could carry the hidden inputs); see :func:`verdict`."""
 
 
 def _shape(value) -> str:
@@ -35,16 +38,17 @@ def allclose(atol: float = 1e-5, rtol: float = 1e-4) -> Comparison:
     """Compare arrays (or lists of arrays) by shape, then largest absolute error.
 
     Messages name the expected and actual shapes, or the largest error and the tolerance;
-    they never show input or expected values.
+    they never show input or expected values. For a hidden check the largest error is
+    rounded to one significant digit and differing entries are not counted.
     """
 
-    def compare(actual, expected, where: str = "") -> str | None:
+    def compare(actual, expected, where: str = "", hidden: bool = False) -> str | None:
         if isinstance(expected, (list, tuple)):
             if not isinstance(actual, list) or len(actual) != len(expected):
                 got = f"a list of {len(actual)}" if isinstance(actual, list) else f"a {_describe(actual)}"
                 return f"expected {len(expected)} outputs{where}, got {got}"
             for i, (a, e) in enumerate(zip(actual, expected)):
-                problem = compare(a, e, f" in output {i}")
+                problem = compare(a, e, f" in output {i}", hidden)
                 if problem:
                     return problem
             return None
@@ -58,6 +62,8 @@ def allclose(atol: float = 1e-5, rtol: float = 1e-4) -> Comparison:
             return f"expected shape {_shape(expected)}{where}, got shape {_shape(actual)}"
         if expected.dtype == bool or actual.dtype == bool:
             wrong = int(np.sum(actual.astype(bool) != expected))
+            if wrong and hidden:
+                return f"some of the {expected.size} entries differ{where}"
             return None if wrong == 0 else f"{wrong} of {expected.size} entries differ{where}"
         a, e = actual.astype(np.float64), expected.astype(np.float64)
         if np.isnan(a).any() and not np.isnan(e).any():
@@ -68,28 +74,36 @@ def allclose(atol: float = 1e-5, rtol: float = 1e-4) -> Comparison:
         err = np.abs(a - e)[finite]
         tol = atol + rtol * np.abs(e)[finite]
         if err.size and (err > tol).any():
-            return f"largest absolute error {err.max():.3g}{where} (tolerance {atol:g} + {rtol:g}·|expected|)"
+            largest = f"{err.max():.1g}" if hidden else f"{err.max():.3g}"
+            return f"largest absolute error {largest}{where} (tolerance {atol:g} + {rtol:g}·|expected|)"
         return None
 
     return compare
 
 
 def exact() -> Comparison:
-    """Compare integers, strings, lists and dicts exactly (for counts and shape tables)."""
+    """Compare integers, strings, lists and dicts exactly (for counts and shape tables).
 
-    def compare(actual, expected) -> str | None:
+    For a public check the message shows the expected and actual values (or the first
+    entry that differs); for a hidden check only what kind of difference it is.
+    """
+
+    def compare(actual, expected, hidden: bool = False) -> str | None:
         plain = _plain(actual)
         if plain == expected:
             return None
         if isinstance(expected, dict) and isinstance(plain, dict):
             missing = sorted(set(expected) - set(plain))
             extra = sorted(set(plain) - set(expected))
+            if hidden:
+                return ("some entries are missing or unexpected" if missing or extra
+                        else "some entries differ from the expected ones")
             if missing or extra:
                 return f"missing entries {missing[:5]}, unexpected entries {extra[:5]}"
             wrong = sorted(k for k in expected if plain[k] != expected[k])
             return f"{len(wrong)} entries differ, for example {wrong[0]!r}: expected {expected[wrong[0]]}, got {plain[wrong[0]]}"
         if isinstance(expected, int) and isinstance(plain, (int, float)):
-            return f"expected {expected}, got {plain}"
+            return "the number differs from the expected one" if hidden else f"expected {expected}, got {plain}"
         return f"expected a {type(expected).__name__}, got a {_describe(actual)}"
 
     return compare
@@ -111,6 +125,18 @@ def _describe(value) -> str:
     if value is None:
         return "None"
     return type(value).__name__
+
+
+def verdict(case: "Case", actual, hidden: bool) -> str | None:
+    """Compare ``actual`` with the case's expected value; for a hidden check, safely.
+
+    A comparison that does not take ``hidden`` (a custom one) has its hidden-check
+    messages replaced by a generic sentence, since they may show values.
+    """
+    if "hidden" in inspect.signature(case.compare).parameters:
+        return case.compare(actual, case.expected, hidden=hidden)
+    problem = case.compare(actual, case.expected)
+    return "the result differs from the expected one" if problem and hidden else problem
 
 
 @dataclass
@@ -227,7 +253,14 @@ def find_exercise(exercise_id: str) -> tuple[Chapter, Exercise]:
     return chapter, chapter.exercise(str(exercise_id))
 
 
-def seed_for(chapter: str, exercise_id: str, index: int, hidden: bool) -> np.random.Generator:
-    """The generator of one check: fixed per (chapter, exercise, check, public/hidden)."""
-    digest = hashlib.sha256(f"{chapter}/{exercise_id}/{index}/{'hidden' if hidden else 'public'}".encode())
+def seed_for(chapter: str, exercise_id: str, index: int, hidden: bool, salt: str = "") -> np.random.Generator:
+    """The generator of one check: fixed per (chapter, exercise, check, public/hidden).
+
+    ``salt`` (an instructor's secret, see ``vitcourse grade --salt``) changes the inputs of
+    the hidden checks only: the public ones stay those ``check()`` runs in the notebook.
+    """
+    key = f"{chapter}/{exercise_id}/{index}/{'hidden' if hidden else 'public'}"
+    if hidden and salt:
+        key += "/" + salt
+    digest = hashlib.sha256(key.encode())
     return np.random.default_rng(int.from_bytes(digest.digest()[:8], "little"))

@@ -5,8 +5,10 @@ The grader starts one server per worker, inside the sandbox when there is one
 server imports torch once, then for every *run* the grader sends it forks a
 fresh child, which
 
-1. applies the resource limits (CPU time, address space, file size, processes),
-   moves to its own empty working directory and silences stdout/stderr;
+1. closes every file descriptor but its own two pipes (never the server's pipes
+   to the grader), applies the resource limits (CPU time, address space, file
+   size, processes), moves to its own empty working directory and silences
+   stdout/stderr;
 2. executes the notebook statements the grader selected, one by one;
 3. evaluates each task (:mod:`vitcourse.grading.runtime`) and sends back the
    plain result or the error, announcing each unit before it starts.
@@ -15,6 +17,10 @@ The server relays the child's messages, enforces the wall-time budget of each
 group of units (the setup, then one budget per exercise), kills the child and
 every process it left behind when it ends, wipes the scratch directory, and
 reports how the child ended. It never compares anything: the grader does.
+
+Only the server writes to the grader. Every message it sends carries the run id
+the grader chose for the run (random, so no submission can know the next one);
+the child's messages travel inside them, from a pipe made for that child alone.
 
 Imported inside the sandbox: standard library and NumPy (plus what is preloaded).
 """
@@ -27,7 +33,6 @@ import ctypes
 import os
 import resource
 import select
-import shutil
 import signal
 import struct
 import sys
@@ -129,19 +134,38 @@ def no_new_processes() -> bool:
         return False
 
 
-def _describe_error(err: BaseException) -> str:
-    """``Type: message (cell N, line L)`` with the innermost notebook location, short."""
+def _describe_error(err: BaseException) -> dict:
+    """The fields of a failed unit's message: ``error``, ``error_type`` and ``where``.
+
+    ``error`` is ``Type: message (cell N, line L)`` with the innermost notebook location,
+    short; the grader shows it only where it cannot reveal hidden inputs, and otherwise
+    just the type and the location.
+    """
     try:
         where = ""
         for frame in traceback.extract_tb(err.__traceback__):
             if frame.filename.startswith("<cell"):
-                where = f" ({frame.filename[1:-1]}, line {frame.lineno})"
-        text = str(err)
+                where = f"{frame.filename[1:-1]}, line {frame.lineno}"
+        name, text = type(err).__name__, str(err)
         if len(text) > 300:
             text = text[:300] + " ..."
-        return f"{type(err).__name__}: {text}{where}" if text else f"{type(err).__name__}{where}"
+        error = (f"{name}: {text}" if text else name) + (f" ({where})" if where else "")
+        return {"error": error, "error_type": name, "where": where}
     except BaseException:  # noqa: BLE001 - e.g. MemoryError while formatting
-        return "an error that could not be described"
+        return {"error": "an error that could not be described", "error_type": "", "where": ""}
+
+
+def _close_fds_except(*keep: int) -> None:
+    """Close every file descriptor above 2 except ``keep``: the child inherits none of the server's."""
+    try:
+        top = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+    except (OSError, ValueError):
+        top = os.sysconf("SC_OPEN_MAX")
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, max(top, low))
 
 
 def _child(job: dict, blobs: list[bytes], out_fd: int, ack_fd: int, workdir: str) -> None:
@@ -163,6 +187,8 @@ def _child(job: dict, blobs: list[bytes], out_fd: int, ack_fd: int, workdir: str
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
+    if devnull > 2:
+        os.close(devnull)
     os.chdir(workdir)
     os.environ.update(HOME=workdir, TMPDIR=workdir, MPLCONFIGDIR=workdir, MPLBACKEND="Agg")
     namespace = {"__name__": "__main__", "__builtins__": builtins}
@@ -174,7 +200,7 @@ def _child(job: dict, blobs: list[bytes], out_fd: int, ack_fd: int, workdir: str
             exec(code, namespace)  # noqa: S102 - student code, inside the sandbox
         except BaseException as err:  # noqa: BLE001 - SystemExit too: it must not end the run
             error = _describe_error(err)
-        send({"event": "done", "unit": stmt["id"], "ok": error is None, "error": error})
+        send({"event": "done", "unit": stmt["id"], "ok": error is None, **(error or {})})
     for task in job["tasks"]:
         send({"event": "begin", "unit": task["id"]})
         runtime.seed_all(0)
@@ -185,9 +211,10 @@ def _child(job: dict, blobs: list[bytes], out_fd: int, ack_fd: int, workdir: str
             if sum(map(len, out)) > wire.MAX_FRAME - 2**20:
                 raise runtime.Unsupported("an output too large to send back")
         except runtime.Unsupported as err:
-            header, out = {"event": "done", "unit": task["id"], "ok": False, "error": f"returned {err}"}, []
+            header, out = {"event": "done", "unit": task["id"], "ok": False, "error": f"returned {err}",
+                           "error_type": "Unsupported", "where": ""}, []
         except BaseException as err:  # noqa: BLE001
-            header, out = {"event": "done", "unit": task["id"], "ok": False, "error": _describe_error(err)}, []
+            header, out = {"event": "done", "unit": task["id"], "ok": False, **_describe_error(err)}, []
         send(header, out)
 
 
@@ -235,17 +262,33 @@ def _kill_all() -> None:
         time.sleep(0.01)
 
 
-def _wipe(directory: str) -> None:
-    """Empty ``directory`` (the run's scratch space) without removing it."""
-    for entry in os.listdir(directory):
-        path = os.path.join(directory, entry)
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.unlink(path)
-        except OSError:
-            pass
+def _remove(path: str) -> None:
+    """Remove a file or a whole tree, making each folder writable first (the student code may not have)."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, 0o700)
+            for entry in os.listdir(path):
+                _remove(os.path.join(path, entry))
+            os.rmdir(path)
+        else:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def _wipe(directory: str) -> bool:
+    """Empty ``directory`` (the run's scratch space) without removing it; True if it is empty now.
+
+    Modes the student code set (a folder it made unreadable, or ``chmod 0`` on the
+    scratch space itself) are reset first: the next run must find nothing of this one.
+    """
+    try:
+        os.chmod(directory, 0o700)
+        for entry in os.listdir(directory):
+            _remove(os.path.join(directory, entry))
+        return not os.listdir(directory)
+    except Exception:  # noqa: BLE001 - e.g. RecursionError on a very deep tree
+        return False
 
 
 class _Relay:
@@ -286,6 +329,8 @@ class _Relay:
 
     def _track(self, header: dict) -> None:
         unit, now = header.get("unit"), time.monotonic()
+        if not isinstance(unit, str):
+            return
         if header.get("event") == "begin" and unit in self.groups and unit not in self.seen:
             self._close(now)
             self.seen.add(unit)
@@ -305,7 +350,10 @@ class _Relay:
         return self.started_at + max(self.budget.get(self.groups[self.current], 0.0), 0.0)
 
 
-def _run(job: dict, blobs: list[bytes], send, scratch: str, counter: int) -> None:
+def _run(job: dict, blobs: list[bytes], send_to_grader, scratch: str, counter: int) -> None:
+    def send(header: dict, data=()) -> None:  # every message names the run it belongs to
+        send_to_grader(dict(header, run=job.get("run")), data)
+
     workdir = os.path.join(scratch, f"run{counter}")
     os.mkdir(workdir, 0o700)
     rfd, wfd = os.pipe()
@@ -315,12 +363,11 @@ def _run(job: dict, blobs: list[bytes], send, scratch: str, counter: int) -> Non
         code = 0
         try:
             os.setsid()
-            os.close(rfd)
-            os.close(ack_w)
+            _close_fds_except(wfd, ack_r)  # above all the server's pipes to and from the grader
             _child(job, blobs, wfd, ack_r, workdir)
         except BaseException as err:  # noqa: BLE001 - reported to the grader, never raised
             try:
-                wire.write_frame(wfd, wire.pack({"event": "crash", "error": _describe_error(err),
+                wire.write_frame(wfd, wire.pack({"event": "crash", **_describe_error(err),
                                                  "trace": traceback.format_exc()[-2000:]}))
             except BaseException:  # noqa: BLE001
                 pass
@@ -361,7 +408,8 @@ def _run(job: dict, blobs: list[bytes], send, scratch: str, counter: int) -> Non
     os.close(rfd)
     os.close(ack_w)
     _kill_all()
-    _wipe(scratch)
+    if not _wipe(scratch):
+        end["restart"] = True  # something of this run is left behind: the grader starts a new server
     end["budgets"] = relay.budget
     send(end)
 
@@ -375,6 +423,9 @@ def serve(argv: list[str] | None = None) -> None:
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     _prctl(PR_SET_DUMPABLE, 0)  # children may not ptrace or read this process's memory
     _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of a child come back here to be killed
+    # In the sandbox the server is PID 1 of its namespace: its children can send it only the
+    # signals it handles, and it handles none (Python's SIGINT handler would let them end it).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     in_fd, out_fd = os.dup(0), os.dup(1)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)

@@ -47,10 +47,11 @@ def tree_allclose(atol: float = 1e-5, rtol: float = 1e-4) -> Comparison:
             return [leaf for item in tree for leaf in flat(item)]
         return [tree]
 
-    def compare(actual, expected) -> str | None:
+    def compare(actual, expected, hidden: bool = False) -> str | None:
         if structure(actual) != structure(expected):
-            return f"expected a pytree shaped like {structure(expected)} (None = array), got {structure(actual)}"
-        return leaves(flat(actual), flat(expected))
+            got = "one shaped otherwise" if hidden else structure(actual)  # its keys are the student's
+            return f"expected a pytree shaped like {structure(expected)} (None = array), got {got}"
+        return leaves(flat(actual), flat(expected), hidden=hidden)
 
     return compare
 
@@ -63,10 +64,10 @@ def scalar_close(atol: float = 1e-5, rtol: float = 1e-5) -> Comparison:
     """
     leaf = allclose(atol, rtol)
 
-    def compare(actual, expected) -> str | None:
+    def compare(actual, expected, hidden: bool = False) -> str | None:
         if isinstance(actual, np.ndarray) and actual.size == 1 and np.ndim(expected) == 0:
             actual = actual.reshape(())
-        return leaf(actual, expected)
+        return leaf(actual, expected, hidden=hidden)
 
     return compare
 
