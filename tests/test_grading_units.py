@@ -209,3 +209,12 @@ def test_sandbox_binds_this_python_not_all_of_opt():
     assert "/opt" not in sources
     for prefix in {sys.prefix, sys.base_prefix}:
         assert prefix in sources or prefix.startswith(("/usr/", "/etc/")), prefix
+
+
+def test_exercise_time_budget_comes_from_the_chapter_unless_given():
+    from vitcourse.grading.grader import Limits, SubmissionGrader
+
+    jax_chapter, torch_chapter = load_chapter("ch07"), load_chapter("ch01")
+    assert jax_chapter.exercise_seconds > torch_chapter.exercise_seconds  # JAX checks compile first
+    assert SubmissionGrader(jax_chapter, [], None, "v").exercise_seconds == jax_chapter.exercise_seconds
+    assert SubmissionGrader(jax_chapter, [], None, "v", Limits(exercise_seconds=4)).exercise_seconds == 4

@@ -43,7 +43,8 @@ def command(name: str, help: str, args: list | None = None) -> Callable:
     (("--force",), {"action": "store_true", "help": "regrade students that already have a grade"}),
     (("--student",), {"action": "append", "help": "grade only this student (repeatable)"}),
     (("--chapter",), {"help": "ch01, ch02, ... (default: detected)"}),
-    (("--time-limit",), {"type": float, "default": 10.0, "help": "seconds per exercise (default 10)"}),
+    (("--time-limit",), {"type": float, "default": None,
+                       "help": "wall-time seconds per exercise (default: the chapter's, 10 s; 30 s for chapter 7)"}),
     (("--salt",), {"default": None, "help": "a secret that changes the hidden checks' inputs "
                                             "(default: $VITCOURSE_GRADING_SALT, else none)"}),
     (("--no-progress",), {"action": "store_true", "help": "no progress bar"}),

@@ -40,7 +40,7 @@ FILE_SIZE = 16 * 2**20
 class Limits:
     """Resource limits for one submission (seconds and bytes)."""
 
-    exercise_seconds: float = 10.0  # wall time shared by all checks of one exercise
+    exercise_seconds: float | None = None  # wall time shared by all checks of one exercise; None: the chapter's
     setup_seconds: float = 30.0  # wall time for all notebook statements together
     memory: int = MEMORY_BUDGET
     file_size: int = FILE_SIZE
@@ -202,6 +202,7 @@ class SubmissionGrader:
                  limits: Limits | None = None) -> None:
         self.chapter, self.units, self.worker, self.version = chapter, units, worker, version
         self.limits = limits or Limits()
+        self.exercise_seconds = self.limits.exercise_seconds or chapter.exercise_seconds
         self.blobs: dict[bool, list[bytes]] = {False: [], True: []}  # public and hidden inputs, never sent together
         self.tasks = [{"id": u.id, "group": u.exercise, "tree": pack_tree(u.case.task, self.blobs[u.hidden])}
                       for u in units]
@@ -256,7 +257,7 @@ class SubmissionGrader:
         skipped: set[str] = set()
         reported: set[str] = set()
         budgets = {"setup": self.limits.setup_seconds}
-        budgets.update({ex.id: self.limits.exercise_seconds for ex in self.chapter.exercises})
+        budgets.update({ex.id: self.exercise_seconds for ex in self.chapter.exercises})
         groups = {u.id: u.exercise for u in self.units}
         hidden = {u.id for u in self.units if u.hidden}
         tainted = False  # True from the first run that holds hidden inputs
@@ -265,7 +266,7 @@ class SubmissionGrader:
             for u in self.units:
                 if u.id not in outcomes and budgets[u.exercise] <= 0:
                     outcomes[u.id] = (False, f"the time limit of exercise {u.exercise} "
-                                             f"({self.limits.exercise_seconds:g} s) was used up by earlier checks")
+                                             f"({self.exercise_seconds:g} s) was used up by earlier checks")
             pending = [t for t in self.tasks if t["id"] not in outcomes]
             if not pending:
                 break

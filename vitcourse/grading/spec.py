@@ -199,6 +199,7 @@ class Chapter:
         sandbox_modules: ``vitcourse`` core modules the grading sandbox exposes
             (the ones students may build on; never the ones they are asked to write).
         preload: modules the grading worker imports once, comma-separated.
+        exercise_seconds: wall time shared by all checks of one exercise (``--time-limit`` overrides it).
     """
 
     name: str
@@ -206,6 +207,7 @@ class Chapter:
     exercises: list[Exercise]
     sandbox_modules: tuple[str, ...] = ()
     preload: str = "torch"
+    exercise_seconds: float = 10.0
 
     @property
     def notebook(self) -> str:

@@ -206,6 +206,7 @@ CHAPTER = Chapter(
     title="The ViT in pure JAX",
     sandbox_modules=(),
     preload="torch,jax",
+    exercise_seconds=30.0,  # eager JAX compiles each operation for each new shape; a busy machine must not cost points
     exercises=[
         Exercise(
             id="7.1", title="Layer normalisation in JAX", points=2, answers=("layer_norm",),
