@@ -280,7 +280,8 @@ def test_unreadable_image_in_a_loader_worker_is_still_one_sentence(tmp_path):
         for i in range(5):
             (root / name / f"junk{i}.png").write_bytes(b"definitely not a png")
     bundle = load_data(str(root), image_size=8, val_size=1)
-    loader = torch.utils.data.DataLoader(bundle.train, batch_size=2, num_workers=1)
+    # spawn, not fork: forking a test process that has imported JAX (multithreaded) can deadlock
+    loader = torch.utils.data.DataLoader(bundle.train, batch_size=2, num_workers=1, multiprocessing_context="spawn")
     with pytest.raises(DataError) as caught:
         next(iter(loader))
     message = str(caught.value)  # not PyTorch's "Caught DataError in DataLoader worker ... Original Traceback"

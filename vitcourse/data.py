@@ -464,21 +464,26 @@ def _scan_folder(path: Path) -> tuple[list[str], list[Path], list[int]]:
     return classes, files, labels
 
 
-def _image_loader(files: list[Path], image_size: int) -> Callable[[int], Tensor]:
-    """``i -> uint8 (3, S, S)``: decode file ``i`` (with Pillow), resize its short side to ``S``, centre-crop."""
-    from PIL import Image
+class _ImageLoader:
+    """``i -> uint8 (3, S, S)``: decode file ``i`` (with Pillow), resize its short side to ``S``, centre-crop.
 
-    resize = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+    A class rather than a closure so that it pickles: DataLoader workers started with
+    ``spawn`` (the default on macOS and Windows) receive the dataset by pickling.
+    """
 
-    def load(i: int) -> Tensor:
+    def __init__(self, files: list[Path], image_size: int) -> None:
+        self.files = files
+        self.resize = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+
+    def __call__(self, i: int) -> Tensor:
+        from PIL import Image
+
         try:
-            with Image.open(files[i]) as image:
+            with Image.open(self.files[i]) as image:
                 pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
         except Exception:
-            raise DataError(f"cannot read image {files[i]}; it is corrupt or not an image: delete it.") from None
-        return resize(torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (3, S, S)
-
-    return load
+            raise DataError(f"cannot read image {self.files[i]}; it is corrupt or not an image: delete it.") from None
+        return self.resize(torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (3, S, S)
 
 
 def _folder(path: Path, image_size: int, augment: str, val_size: int, seed: int, subset: int | None) -> DataBundle:
@@ -495,15 +500,15 @@ def _folder(path: Path, image_size: int, augment: str, val_size: int, seed: int,
         test_classes, test_files, test_labels = _scan_folder(path / "test")
         if test_classes != classes:
             raise DataError(f"{path}/train and {path}/test have different class folders; give them the same classes.")
-        test = ImageTensorDataset(_image_loader(test_files, image_size), test_labels, plain)
+        test = ImageTensorDataset(_ImageLoader(test_files, image_size), test_labels, plain)
     else:
         classes, all_files, all_labels = _scan_folder(path)
         rest, held_out = split_indices(len(all_files), max(len(all_files) // 10, 1), seed)
         files = [all_files[i] for i in rest]
         labels = [all_labels[i] for i in rest]
-        test = ImageTensorDataset(_image_loader([all_files[i] for i in held_out], image_size),
+        test = ImageTensorDataset(_ImageLoader([all_files[i] for i in held_out], image_size),
                                   [all_labels[i] for i in held_out], plain)
-    loader = _image_loader(files, image_size)
+    loader = _ImageLoader(files, image_size)
     return _bundle(
         ImageTensorDataset(loader, labels, augmented), test, ImageTensorDataset(loader, labels, plain),
         classes=classes, source=f"folder:{path}", mean=mean, std=std,
