@@ -4,8 +4,10 @@ exactly its expected scores; CSV, feedback, summary; parallel, resumable, killab
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,9 +42,6 @@ def grade(submissions: Path, out: Path, *extra: str, time_limit: str | None = "3
 
 def lost_points(out: Path, student: str) -> str:
     """The lines of a student's feedback page that explain lost points (for assertion messages)."""
-    import html
-    import re
-
     page = html.unescape(re.sub(r"<[^>]+>", " ", (out / "feedback" / f"{student}.html").read_text()))
     return "\n".join(" ".join(line.split()) for line in page.splitlines() if "lost:" in line)
 

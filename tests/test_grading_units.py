@@ -15,7 +15,7 @@ import torch
 from vitcourse.grading import check, wire
 from vitcourse.grading.batch import _load_result, grader_version, version_sources
 from vitcourse.grading.generate import make_student, regenerate, strip_solutions
-from vitcourse.grading.grader import CheckResult, StudentResult, error_text
+from vitcourse.grading.grader import CheckResult, Limits, StudentResult, SubmissionGrader, error_text
 from vitcourse.grading.notebook import Cell, Notebook, read_cells, select_statements
 from vitcourse.grading.public import CheckFailed, NotDoneYet
 from vitcourse.grading.sandbox import PACKAGE_DIR, _system_binds
@@ -212,8 +212,6 @@ def test_sandbox_binds_this_python_not_all_of_opt():
 
 
 def test_exercise_time_budget_comes_from_the_chapter_unless_given():
-    from vitcourse.grading.grader import Limits, SubmissionGrader
-
     jax_chapter, torch_chapter = load_chapter("ch07"), load_chapter("ch01")
     assert jax_chapter.exercise_seconds > torch_chapter.exercise_seconds  # JAX checks compile first
     assert SubmissionGrader(jax_chapter, [], None, "v").exercise_seconds == jax_chapter.exercise_seconds

@@ -128,10 +128,11 @@ class MultiHeadSelfAttention(nn.Module):
         self.heads = heads
         self.head_dim = dim // heads
         self.fused = fused
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_dropout)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_dropout)
+        # Only the two linear layers hold weights; their names are timm's, so state_dicts match.
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # D -> 3D: queries, keys, values
+        self.proj = nn.Linear(dim, dim)  # heads concatenated -> D
+        self.weight_dropout = nn.Dropout(attn_dropout)  # on the attention matrix
+        self.output_dropout = nn.Dropout(proj_dropout)  # on the block's output
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, return_weights: bool = False
@@ -143,11 +144,11 @@ class MultiHeadSelfAttention(nn.Module):
         )  # each (B, h, N, head_dim)
         weights = None
         if self.fused and not return_weights:
-            dropout_p = self.attn_drop.p if self.training else 0.0
+            dropout_p = self.weight_dropout.p if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         else:
             _, weights = scaled_dot_product_attention(q, k, v, mask, return_weights=True)
-            out = self.attn_drop(weights) @ v  # (B, h, N, head_dim)
+            out = self.weight_dropout(weights) @ v  # (B, h, N, head_dim)
         out = rearrange(out, "b h n d -> b n (h d)")  # heads side by side again: (B, N, D)
-        out = self.proj_drop(self.proj(out))
+        out = self.output_dropout(self.proj(out))
         return (out, weights) if return_weights else out

@@ -544,8 +544,8 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
         _check_same_run(checkpoint, cfg, data.source, ctx.world, last_path)
         if _finished(checkpoint, cfg):
             rows = checkpoint["state"]["rows"]
-            if ctx.main and read_metrics(out) != rows:
-                _write_metrics(out, rows)  # e.g. cut short by a kill (older versions wrote it after last.pt)
+            if ctx.main:
+                _write_metrics(out, rows)  # metrics.jsonl is always the checkpoint's rows
             return rows
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)

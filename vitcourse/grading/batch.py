@@ -157,7 +157,8 @@ def _well_formed(r: StudentResult, submission: Path, spec: Chapter) -> bool:
     return (r.student == submission.stem and r.file == submission.name and r.chapter == spec.name
             and isinstance(r.sha256, str) and isinstance(r.version, str) and isinstance(r.sandbox, bool)
             and r.maximum == points and isinstance(r.scores, dict) and set(r.scores) == set(points)
-            and all(_number(r.scores[e], 0, points[e]) and abs(r.scores[e] - earned[e]) <= 0.01 * (len(r.checks) + 1) for e in points)
+            and all(_number(r.scores[e], 0, points[e]) and abs(r.scores[e] - earned[e]) <= 0.01 * (len(r.checks) + 1)
+                    for e in points)
             and isinstance(r.problems, list) and all(isinstance(p, str) for p in r.problems))
 
 

@@ -262,18 +262,19 @@ def _kill_all() -> None:
         time.sleep(0.01)
 
 
-def _remove(path: str) -> None:
-    """Remove a file or a whole tree, making each folder writable first (the student code may not have)."""
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            os.chmod(path, 0o700)
-            for entry in os.listdir(path):
-                _remove(os.path.join(path, entry))
-            os.rmdir(path)
-        else:
-            os.unlink(path)
-    except OSError:
-        pass
+def _empty(directory: str) -> None:
+    """Remove what ``directory`` holds, making it usable first (the student code may have ``chmod 0``-ed it)."""
+    os.chmod(directory, 0o700)
+    for entry in os.listdir(directory):
+        path = os.path.join(directory, entry)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                _empty(path)
+                os.rmdir(path)
+            else:
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 def _wipe(directory: str) -> bool:
@@ -283,9 +284,7 @@ def _wipe(directory: str) -> bool:
     scratch space itself) are reset first: the next run must find nothing of this one.
     """
     try:
-        os.chmod(directory, 0o700)
-        for entry in os.listdir(directory):
-            _remove(os.path.join(directory, entry))
+        _empty(directory)
         return not os.listdir(directory)
     except Exception:  # noqa: BLE001 - e.g. RecursionError on a very deep tree
         return False
