@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["seed_everything", "default_device", "sample_image", "runs_dir"]
+__all__ = ["seed_everything", "default_device", "sample_image", "runs_dir", "atomic_write"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -24,6 +24,28 @@ def seed_everything(seed: int) -> torch.Generator:
 def default_device() -> torch.device:
     """``cuda`` when a GPU is available, otherwise ``cpu``."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write a file so that readers see the old content or the new, never half of it.
+
+    The bytes go to a temporary file in the same folder, are flushed to disk, and replace
+    ``path`` in one ``os.replace``; the folder is created if needed.
+    """
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def runs_dir() -> Path:
