@@ -1,10 +1,9 @@
 """Feedback pages for students and the batch summary for instructors.
 
-A feedback page lists every exercise with its score, every check with what it
-tests and, for each lost point, why: the check's message (expected and actual
-shape, largest error, the error the code raised, the time limit) and problems
-found in the notebook (syntax errors, cells that failed or were retyped). It
-never shows hidden test code or hidden inputs: only the checks' descriptions.
+A page lists every exercise with its score and every check with what it tests; a lost
+public check says why (shapes, largest error, the error raised, the time limit); a lost
+hidden check says only that it failed. Problems found in the notebook and uses of
+forbidden calls are listed too. Everything is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..utils import atomic_write
 from .spec import Chapter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,12 +36,16 @@ def render_feedback(result: "StudentResult", chapter: Chapter) -> str:
         f"<h1>{e(chapter.title)} exercises: {e(result.student)}</h1>",
         f"<p><strong>Total: {result.total:g} / {result.max_total:g} points.</strong> "
         "Public checks are the ones <code>check()</code> runs in your notebook; hidden checks test "
-        "other inputs and edge cases.</p>",
+        "other inputs and edge cases and show no details.</p>",
     ]
-    if result.problems:
-        parts.append("<h2>Problems found in the notebook</h2><ul>")
-        parts += [f"<li>{e(p)}</li>" for p in result.problems]
-        parts.append("</ul>")
+    if not result.sandbox:
+        parts.append("<p><strong>NO SANDBOX: this notebook was graded without isolation.</strong></p>")
+    if result.ungradable:
+        parts.append(f"<p class='lost'><strong>Not graded: {e(result.ungradable)}.</strong></p>")
+    for title, items in (("Problems found in the notebook", result.problems),
+                         ("Calls the exercises forbid", result.forbidden)):
+        if items:
+            parts.append(f"<h2>{title}</h2><ul>" + "".join(f"<li>{e(p)}</li>" for p in items) + "</ul>")
     for ex in chapter.exercises:
         score = result.scores.get(ex.id, 0.0)
         parts.append(f"<h2>Exercise {e(ex.id)}: {e(ex.title)} ({score:g} / {ex.points:g})</h2>")
@@ -59,8 +63,6 @@ def render_feedback(result: "StudentResult", chapter: Chapter) -> str:
 
 def write_feedback(path: Path, result: "StudentResult", chapter: Chapter) -> None:
     """Write one student's feedback page atomically."""
-    from .batch import atomic_write
-
     atomic_write(path, render_feedback(result, chapter))
 
 
@@ -69,7 +71,7 @@ def summary_text(report: "BatchReport", chapter: Chapter) -> str:
     results = report.results
     lines = [report.sandbox,
              f"Chapter {chapter.name} ({chapter.title}): {len(results)} students, {report.graded} graded now, "
-             f"{report.skipped} kept from an earlier run, in {report.seconds:.1f} s."]
+             f"{report.kept} kept from an earlier run, in {report.seconds:.1f} s."]
     if results:
         lines.append("Mean score per exercise:")
         for ex in chapter.exercises:
@@ -84,8 +86,6 @@ def summary_text(report: "BatchReport", chapter: Chapter) -> str:
 
 def write_summary(out: Path, report: "BatchReport", chapter: Chapter) -> None:
     """Write ``summary.txt`` and the histogram of totals ``totals_histogram.png`` next to the CSV."""
-    from .batch import atomic_write
-
     atomic_write(out / "summary.txt", summary_text(report, chapter))
     import matplotlib
 

@@ -1,274 +1,268 @@
-"""Reading submitted notebooks defensively and choosing what the grader runs.
+"""Reading a submission defensively, choosing what the grader runs, and checking the statements' rules.
 
-A submission may be anything: not JSON, cells deleted, duplicated or turned into
-Markdown, syntax errors, IPython magics, a training loop that runs for an hour.
-:func:`read_cells` never raises on bad input; it returns the code cells it could
-read and a list of problems in plain words. :func:`select_statements` then keeps
-only what defines the graded answers:
-
-* in every code cell: imports, ``def``/``class`` definitions, and assignments
-  whose right-hand side calls nothing (``SCALE = 0.5``, ``Tensor = torch.Tensor``);
-* answer cells (nbgrader ``solution`` cells, or cells defining an answer name)
-  run in full, statement by statement.
-
-Each top-level statement is run on its own, so one failing statement costs only
-itself. A cell with a syntax error is split at its top-level blocks and the
-blocks that parse are kept. When an answer name is defined more than once (a
-duplicated cell), definitions that still hold the generated stub (``# YOUR CODE
-HERE`` then ``raise NotImplementedError()``) give way to a real one.
+A submission may be anything: a symlink, a FIFO, 2 GiB of zeros, JSON nested 100,000
+deep, lone surrogates, cells deleted, duplicated or retyped, syntax errors, magics, an
+hour-long training loop. :func:`read_notebook` never raises: it returns the cells it could
+read, or the one sentence that says why the file cannot be graded. :func:`select_statements`
+keeps, in notebook order, imports, ``def``/``class``, call-free assignments, and every
+top-level statement of an *answer cell* (an nbgrader solution cell, or one defining an
+answer name); a leftover generated stub gives way to a real definition of the same name.
+:func:`rule_findings` reads the kept code for calls an exercise forbids and for dynamic
+access (``getattr``, ``eval``, ...) that an instructor may want to review.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
-from pathlib import Path
 
-MAX_NOTEBOOK_BYTES = 32 * 2**20
+MAX_BYTES = 32 * 2**20
+
+
+def clean(text, limit: int = 400) -> str:
+    """``text`` as printable UTF-8 (lone surrogates and control characters replaced), at most ``limit`` characters."""
+    text = str(text).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "\N{REPLACEMENT CHARACTER}", text)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 @dataclass
 class Cell:
-    """A cell of a submitted notebook (``index`` counts from 1, as students see them)."""
+    """A cell (``index`` counts from 1, as students see them)."""
 
     index: int
-    cell_type: str
+    kind: str
     source: str
-    solution: bool = False  # nbgrader "solution": true
-    grade_id: str = ""
+    solution: bool = False
 
 
 @dataclass
 class Notebook:
-    """What could be read from a submission."""
+    """What could be read: the cells and the chapter it names, or why it is ungradable."""
 
     cells: list[Cell] = field(default_factory=list)
-    metadata: dict = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    chapter: str = ""
+    ungradable: str = ""
 
 
 @dataclass
 class Statement:
-    """One top-level statement to execute, with where it came from."""
+    """One top-level statement the runner executes."""
 
     id: str
     src: str
     cell: int
     line: int
-    names: tuple[str, ...] = ()  # names it defines (def/class)
+    names: tuple[str, ...] = ()  # what it defines (def/class)
+    definition: bool = False  # import, def, class or call-free assignment: cheap by nature
 
-    @property
-    def file(self) -> str:
-        """Pseudo file name used in tracebacks: ``<cell N>``."""
-        return f"<cell {self.cell}>"
-
-
-def _source(value) -> str:
-    if isinstance(value, list):
-        return "".join(v for v in value if isinstance(v, str))
-    return value if isinstance(value, str) else ""
+    def job(self) -> dict:
+        """What the runner needs."""
+        return {"id": self.id, "src": self.src, "cell": self.cell, "line": self.line, "definition": self.definition}
 
 
-def read_cells(path: Path) -> Notebook:
-    """Read a notebook file without ever raising; problems are reported in ``Notebook.problems``."""
+def _read_bytes(path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a symlink or FIFO never blocks us
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("it is not a regular file (a folder, FIFO or device); submit the notebook file itself")
+        if info.st_size > MAX_BYTES:
+            raise ValueError(f"it is {info.st_size / 2**20:.0f} MiB, more than the {MAX_BYTES // 2**20} MiB "
+                             "the grader reads; clear the outputs and resubmit")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_BYTES + 1)[:MAX_BYTES]
+    finally:
+        os.close(fd)
+
+
+def read_notebook(path) -> Notebook:
+    """Read a submission; never raises (see the module docstring)."""
     nb = Notebook()
     try:
-        size = path.stat().st_size
-        if size > MAX_NOTEBOOK_BYTES:
-            nb.problems.append(f"the file is {size / 2**20:.0f} MiB, larger than the "
-                               f"{MAX_NOTEBOOK_BYTES // 2**20} MiB the grader reads; clear the outputs and resubmit")
-            return nb
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError:
-        nb.problems.append("the file is not UTF-8 text, so it is not a notebook")
+        if os.path.islink(path):
+            raise ValueError("it is a symbolic link, not a notebook file; submit the notebook itself")
+        data = json.loads(_read_bytes(path).decode("utf-8"), parse_int=lambda s: int(s) if len(s) < 20 else 0)
+    except ValueError as err:
+        nb.ungradable = str(err) if "submit" in str(err) else "the file is not notebook JSON (UTF-8 text)"
         return nb
-    except json.JSONDecodeError as err:
-        nb.problems.append(f"the file is not valid notebook JSON (line {err.lineno}, column {err.colno}: {err.msg})")
+    except RecursionError:
+        nb.ungradable = "the file's JSON is nested too deeply to be a notebook"
         return nb
     except OSError as err:
-        nb.problems.append(f"the file could not be read ({err.strerror})")
+        nb.ungradable = ("it is a symbolic link, not a notebook file; submit the notebook itself" if err.errno == 40
+                         else f"the file could not be read ({clean(err.strerror)})")
         return nb
-    if not isinstance(data, dict):
-        nb.problems.append("the file is JSON but not a notebook (no cell list)")
+    cells = data.get("cells") if isinstance(data, dict) else None
+    if not isinstance(cells, list):
+        nb.ungradable = "the file is JSON but not a notebook (it has no cell list)"
         return nb
-    raw_cells = data.get("cells")
-    if raw_cells is None and isinstance(data.get("worksheets"), list) and data["worksheets"]:
-        raw_cells = data["worksheets"][0].get("cells")  # nbformat 3
-    if not isinstance(raw_cells, list):
-        nb.problems.append("the file is JSON but not a notebook (no cell list)")
-        return nb
-    nb.metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
-    for i, raw in enumerate(raw_cells, start=1):
+    meta = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    course = meta.get("vitcourse") if isinstance(meta.get("vitcourse"), dict) else {}
+    nb.chapter = clean(course.get("chapter", ""), 10)
+    for i, raw in enumerate(cells, start=1):
         if not isinstance(raw, dict):
-            nb.problems.append(f"cell {i} is malformed and was skipped")
             continue
-        meta = raw.get("metadata") if isinstance(raw.get("metadata"), dict) else {}
-        grader = meta.get("nbgrader") if isinstance(meta.get("nbgrader"), dict) else {}
-        nb.cells.append(Cell(
-            index=i,
-            cell_type=str(raw.get("cell_type", "")),
-            source=_source(raw.get("source", raw.get("input", ""))),
-            solution=bool(grader.get("solution")),
-            grade_id=str(grader.get("grade_id", "")),
-        ))
+        source = raw.get("source", "")
+        source = "".join(s for s in source if isinstance(s, str)) if isinstance(source, list) else source
+        grader = (raw.get("metadata") or {}).get("nbgrader") if isinstance(raw.get("metadata"), dict) else None
+        nb.cells.append(Cell(i, clean(raw.get("cell_type", ""), 20),
+                             clean(source, MAX_BYTES) if isinstance(source, str) else "",
+                             isinstance(grader, dict) and grader.get("solution") is True))
     return nb
 
 
 _MAGIC = re.compile(r"^(\s*)([%!].*|.*\?\s*)$")
+_STUB = re.compile(r"^[ \t]*# YOUR CODE HERE[ \t]*\n[ \t]*raise NotImplementedError\(\)", re.M)
 
 
 def strip_ipython(source: str) -> str | None:
-    """Replace IPython-only lines (``%magic``, ``!shell``, ``obj?``) by ``pass``; ``None`` for a non-Python cell magic."""
+    """IPython-only lines (``%magic``, ``!shell``, ``obj?``) become ``pass``; ``None`` for a non-Python cell magic."""
     lines = source.split("\n")
     if lines and lines[0].startswith("%%"):
         if lines[0].split()[0] not in ("%%time", "%%timeit", "%%capture"):
             return None
         lines[0] = ""
-    return "\n".join(
-        (m.group(1) + "pass") if (m := _MAGIC.match(line)) and not line.strip().startswith("#") else line
-        for line in lines
-    )
-
-
-def _blocks(source: str) -> list[tuple[int, str]]:
-    """Split source into top-level blocks ``(first line, text)`` at unindented lines."""
-    blocks: list[tuple[int, list[str]]] = []
-    continuation = ("else", "elif", "except", "finally", ")", "]", "}")
-    pending_decorator = False
-    for number, line in enumerate(source.split("\n"), start=1):
-        starts_block = line[:1] not in ("", " ", "\t", "#") and not line.startswith(continuation)
-        if starts_block and not pending_decorator or not blocks:
-            blocks.append((number, [line]))
-        else:
-            blocks[-1][1].append(line)
-        if starts_block:
-            pending_decorator = line.startswith("@")
-    return [(start, "\n".join(lines)) for start, lines in blocks]
+    return "\n".join(m.group(1) + "pass" if (m := _MAGIC.match(line)) and not line.strip().startswith("#") else line
+                     for line in lines)
 
 
 def _segment(source: str, stmt: ast.stmt) -> tuple[int, str]:
-    """``(first line, source)`` of a top-level statement, decorators included."""
-    decorators = getattr(stmt, "decorator_list", [])
-    if decorators:
-        first = min(d.lineno for d in decorators)
-        return first, "\n".join(source.split("\n")[first - 1 : stmt.end_lineno])
-    return stmt.lineno, ast.get_source_segment(source, stmt) or ""
+    first = min([stmt.lineno, *(d.lineno for d in getattr(stmt, "decorator_list", []))])
+    return first, "\n".join(source.split("\n")[first - 1 : stmt.end_lineno])
 
 
-def parse_cell(source: str) -> tuple[list[ast.stmt], list[tuple[int, str]], list[str]]:
-    """Parse a code cell into top-level statements and their source.
-
-    Returns:
-        ``(statements, sources, errors)``: each source is ``(first line in the cell, text)``.
-    """
+def parse_cell(source: str) -> tuple[list[tuple[ast.stmt, int, str]], list[str]]:
+    """Top-level statements ``(node, first line, text)`` of a cell; a syntax error costs only its top-level block."""
     try:
-        tree = ast.parse(source)
-        return tree.body, [_segment(source, s) for s in tree.body], []
-    except SyntaxError:
+        return [(s, *_segment(source, s)) for s in ast.parse(source).body], []
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         pass
-    statements, sources, errors = [], [], []
-    for start, block in _blocks(source):
+    blocks: list[tuple[int, list[str]]] = []
+    for number, line in enumerate(source.split("\n"), start=1):
+        new_block = line[:1] not in ("", " ", "\t", "#", ")", "]", "}") and not re.match(r"(else|elif|except|finally)\b", line)
+        if (new_block and not (blocks and blocks[-1][1][-1].startswith("@"))) or not blocks:
+            blocks.append((number, [line]))
+        else:
+            blocks[-1][1].append(line)
+    found, errors = [], []
+    for start, lines in blocks:
+        text = "\n".join(lines)
         try:
-            tree = ast.parse(block)
-        except SyntaxError as err:
-            errors.append(f"line {start + (err.lineno or 1) - 1}: SyntaxError: {err.msg}")
-            continue
-        for stmt in tree.body:
-            line, text = _segment(block, stmt)
-            sources.append((line + start - 1, text))
-            statements.append(stmt)
-    return statements, sources, errors
+            found += [(s, line + start - 1, src) for s in ast.parse(text).body for line, src in [_segment(text, s)]]
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as err:
+            message = getattr(err, "msg", type(err).__name__)
+            errors.append(f"line {start + (getattr(err, 'lineno', 1) or 1) - 1}: SyntaxError: {clean(message, 100)}")
+    return found, errors
 
 
-def _calls_nothing(node: ast.AST) -> bool:
-    return not any(isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.comprehension))
-                   for n in ast.walk(node))
+def _defines(stmt: ast.stmt) -> tuple[str, ...]:
+    return (stmt.name,) if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else ()
 
 
-_STUB = re.compile(r"^[ \t]*# YOUR CODE HERE[ \t]*\n[ \t]*raise NotImplementedError\(\)", re.M)
-
-
-def _is_stub(source: str) -> bool:
-    """True if a definition's source still holds the stub the student notebook was generated with.
-
-    Only that pattern counts: a real answer may raise ``NotImplementedError`` itself
-    (for an option it does not support) and must not give way to a leftover stub.
-    """
-    return _STUB.search(source) is not None
-
-
-def _defined_names(stmt: ast.stmt) -> tuple[str, ...]:
-    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return (stmt.name,)
-    return ()
-
-
-def _keep(stmt: ast.stmt, answer_cell: bool) -> bool:
-    if isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__":
-        return False
-    if answer_cell:
-        return True
+def _is_definition(stmt: ast.stmt) -> bool:
     if isinstance(stmt, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-        return True
-    if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is not None:
-        return _calls_nothing(stmt.value)
-    return False
+        return not (isinstance(stmt, ast.ImportFrom) and stmt.module == "__future__")
+    calls = (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.comprehension, ast.Lambda)
+    return (isinstance(stmt, (ast.Assign, ast.AnnAssign)) and stmt.value is not None
+            and not any(isinstance(n, calls) for n in ast.walk(stmt.value)))
 
 
 def select_statements(nb: Notebook, answer_names: set[str]) -> tuple[list[Statement], list[str]]:
-    """Choose the statements to execute from a notebook's code cells.
-
-    Args:
-        nb: the result of :func:`read_cells`.
-        answer_names: every name the chapter's exercises ask students to define.
-
-    Returns:
-        ``(statements, problems)``: statements in notebook order with ids ``s0, s1, ...``;
-        problems are sentences for the feedback (syntax errors, retyped answer cells).
-    """
-    problems: list[str] = []
-    chosen: list[tuple[Cell, ast.stmt, tuple[int, str]]] = []
+    """The statements to run, and problems to report (syntax errors, retyped answer cells)."""
+    problems, chosen = [], []
     for cell in nb.cells:
-        if cell.cell_type != "code":
+        if cell.kind != "code":
             if cell.solution or any(re.search(rf"^\s*(def|class)\s+{re.escape(n)}\b", cell.source, re.M)
                                     for n in answer_names):
-                problems.append(f"cell {cell.index} holds answer code but is a {cell.cell_type or 'non-code'} "
-                                "cell, so it was not run; change it back to a code cell")
+                problems.append(f"cell {cell.index} holds answer code but is a {cell.kind or 'non-code'} cell, "
+                                "so it was not run; change it back to a code cell")
             continue
         source = strip_ipython(cell.source)
         if source is None:
             continue
-        stmts, sources, errors = parse_cell(source)
-        problems.extend(f"cell {cell.index}, {e}; the code in that part of the cell was not run" for e in errors)
-        answer_cell = cell.solution or any(set(_defined_names(s)) & answer_names for s in stmts)
-        chosen.extend((cell, s, src) for s, src in zip(stmts, sources) if _keep(s, answer_cell))
-    real = {n for _, s, src in chosen for n in _defined_names(s) if not _is_stub(src[1])}
+        found, errors = parse_cell(source)
+        problems += [f"cell {cell.index}, {e}; that part of the cell was not run" for e in errors]
+        answer = cell.solution or any(set(_defines(s)) & answer_names for s, _, _ in found)
+        chosen += [(cell, s, line, src) for s, line, src in found if _is_definition(s) or answer and not (
+            isinstance(s, ast.ImportFrom) and s.module == "__future__")]
+    real = {n for _, s, _, src in chosen for n in _defines(s) if not _STUB.search(src)}
     statements = []
-    for cell, stmt, src in chosen:
-        names = _defined_names(stmt)
-        if names and names[0] in real and _is_stub(src[1]):
-            continue  # a leftover stub next to a real answer (duplicated cell)
-        statements.append(Statement(f"s{len(statements)}", src[1], cell.index, src[0], names))
+    for cell, stmt, line, src in chosen:
+        if _defines(stmt) and _defines(stmt)[0] in real and _STUB.search(src):
+            continue  # a leftover stub next to a real answer (a duplicated cell)
+        statements.append(Statement(f"s{len(statements)}", src, cell.index, line, _defines(stmt), _is_definition(stmt)))
     return statements, problems
 
 
-_CHECK_CALL = re.compile(r"check\(\s*['\"](\d+)\.\d+['\"]")
+DYNAMIC = {"getattr", "setattr", "eval", "exec", "compile", "__import__", "globals", "vars", "locals",
+           "importlib", "builtins", "__builtins__", "__dict__", "sys.modules", "__subclasses__"}
 
 
-def detect_chapter(nb: Notebook, known: list[str]) -> str | None:
-    """Which exercise notebook this is: notebook metadata, else nbgrader ids, else ``check("N.k")`` calls."""
-    meta = nb.metadata.get("vitcourse")
-    if isinstance(meta, dict) and meta.get("chapter") in known:
-        return meta["chapter"]
-    votes: dict[str, int] = {}
-    for cell in nb.cells:
-        m = re.match(r"(ch\d\d)", cell.grade_id)
-        if m and m.group(1) in known:
-            votes[m.group(1)] = votes.get(m.group(1), 0) + 1
-        for number in _CHECK_CALL.findall(cell.source):
-            name = f"ch{int(number):02d}"
-            if name in known:
-                votes[name] = votes.get(name, 0) + 1
-    return max(votes, key=votes.get) if votes else None
+def _aliases(trees) -> dict[str, str]:
+    names = {}
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update({a.asname or a.name.split(".")[0]: a.name if a.asname else a.name.split(".")[0]
+                              for a in node.names})
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
+    return names
+
+
+def _dotted(node: ast.AST, aliases: dict[str, str]) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return "." + parts[-1] if parts else None
+    return ".".join([aliases.get(node.id, node.id), *reversed(parts)])
+
+
+def rule_findings(statements: list[Statement], exercises) -> tuple[dict[str, list[str]], list[str]]:
+    """``({exercise id: forbidden uses found}, [dynamic accesses found])``, each named with its cell and line.
+
+    For an exercise, the code read is its answer definitions, every top-level statement that
+    is not a definition, and, transitively, every top-level definition they refer to by name,
+    except other exercises' answer definitions.
+    """
+    trees = {s.id: ast.parse(s.src) for s in statements}
+    for s in statements:
+        ast.increment_lineno(trees[s.id], s.line - 1)
+    aliases, by_name = _aliases(trees.values()), {}
+    for s in statements:
+        for node in trees[s.id].body:
+            targets = [t.id for t in getattr(node, "targets", [getattr(node, "target", None)]) if isinstance(t, ast.Name)]
+            for name in (*s.names, *targets):
+                by_name.setdefault(name, []).append(s)
+    forbidden_uses, dynamic = {}, []
+    for ex in exercises:
+        others = {n for e in exercises if e is not ex for n in e.answers}
+        todo = [s for s in statements if set(s.names) & set(ex.answers) or not s.definition]
+        seen: set[str] = set()
+        while todo:
+            s = todo.pop()
+            if s.id in seen:
+                continue
+            seen.add(s.id)
+            for node in ast.walk(trees[s.id]):
+                if isinstance(node, ast.Name):
+                    todo += [d for d in by_name.get(node.id, []) if not set(d.names) & others]
+                name = _dotted(node, aliases) if isinstance(node, (ast.Name, ast.Attribute)) else None
+                hit = name and next((f for f in ex.forbidden if name == f or name.startswith(f + ".")
+                                     or (f.startswith(".") and name.endswith(f))), None)
+                if hit and isinstance(getattr(node, "ctx", None), ast.Load):
+                    forbidden_uses.setdefault(ex.id, []).append(
+                        f"cell {s.cell}, line {node.lineno} uses {hit.lstrip('.')}, which exercise {ex.id} forbids")
+    for s in statements:
+        for node in ast.walk(trees[s.id]):
+            name = _dotted(node, {}) if isinstance(node, (ast.Name, ast.Attribute)) else None
+            if name and (name in DYNAMIC or name.split(".")[-1] in DYNAMIC or name.split(".")[0] in DYNAMIC):
+                dynamic.append(f"cell {s.cell}, line {node.lineno}: {clean(name, 60)}")
+    return {k: sorted(set(v)) for k, v in forbidden_uses.items()}, sorted(set(dynamic))

@@ -1,55 +1,34 @@
-"""Tasks: what the grader asks a student's code to compute, as small JSON trees.
+"""Tasks: what a check asks the student's code to compute, as small JSON-able trees.
 
-A check never sends code to the student process. It sends a *task*: a tree of
-nodes naming the student's functions and classes and the grader-chosen inputs::
+A check never sends code to the student process; it sends a tree naming the student's
+functions and classes and the grader's inputs::
 
-    call("softmax", arr(x), dim=-1)                       # softmax(x, dim=-1)
-    apply(new("MultiHeadSelfAttention", 32, 4, state=w),  # build, load weights,
-          arr(tokens))                                    # run forward(tokens)
-    num_params(new("VisionTransformer", cfg))             # count parameters
+    call("softmax", arr(x), dim=-1)                                 # softmax(x, dim=-1)
+    apply(new("MultiHeadSelfAttention", 32, 4, state=w), arr(tokens))  # build, load w, forward
+    num_params(new("VisionTransformer", cfg))                       # count parameters
 
-The student process evaluates the tree in the namespace its notebook defined
-(:func:`evaluate`), turns the result into plain NumPy and Python values
-(:func:`to_plain`) and sends them back; the grader compares them with its own
-expected values. The public :func:`vitcourse.grading.check` evaluates the same
-trees in the student's own kernel.
-
-Node reference (every node is a dict with one ``$`` key):
-
-========================  ======================================================
-``arr(x, as_="torch")``   an input array; ``as_`` is ``torch``, ``numpy`` or ``jax``
-``call(name, *a, **k)``   call the student's function ``name``
-``new(name, *a, state=None, **k)``  build the student's class ``name``; load the
-                          ``state_dict`` ``state`` (strict) if given; ``eval()`` mode
-``apply(obj, *a, **k)``   ``obj(*a, **k)`` (a module's forward)
-``method(obj, m, *a, **k)``  ``getattr(obj, m)(*a, **k)``
-``num_params(obj)``       ``sum(p.numel() for p in obj.parameters())``
-``state_shapes(obj)``     ``{name: list(shape)}`` of ``obj.state_dict()``
-========================  ======================================================
-
-Imported inside the sandbox: standard library and NumPy at import time only.
+:func:`evaluate` runs a tree against the notebook's namespace (in the sandbox, or in the
+student's kernel for ``check()``); :func:`to_plain` turns the result into NumPy arrays,
+numbers, strings, lists and dicts; :func:`encode` and :func:`decode` carry those as JSON,
+arrays as base64 ``.npy`` read back without pickles and with a size cap.
+Imported inside the sandbox: standard library and NumPy only (torch and JAX lazily).
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import random
-from typing import Any
+import sys
 
 import numpy as np
 
-from .wire import MAX_ARRAY_ELEMENTS, decode_value
-
-__all__ = [
-    "arr", "call", "new", "apply", "method", "num_params", "state_shapes",
-    "evaluate", "to_plain", "pack_tree", "Unsupported",
-]
-
-
-# --- building tasks (grader side) ------------------------------------------------
+MAX_ELEMENTS = 20_000_000
+"""Largest array (in elements) a result may hold."""
 
 
 def arr(x, as_: str = "torch") -> dict:
-    """An input array ``x`` (NumPy or torch), handed to the student as a ``torch``/``numpy``/``jax`` array."""
+    """An input array (NumPy or torch) handed to the student as ``torch``, ``numpy`` or ``jax``."""
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return {"$arr": np.asarray(x), "as": as_}
@@ -61,7 +40,7 @@ def call(name: str, *args, **kwargs) -> dict:
 
 
 def new(name: str, *args, state: dict | None = None, **kwargs) -> dict:
-    """Build the student's class ``name(*args, **kwargs)``, load ``state`` (a state_dict of ``arr``), ``eval()``."""
+    """Build the student's class ``name(*args, **kwargs)``, load ``state`` (strict) if given, ``eval()``."""
     return {"$new": name, "args": list(args), "kwargs": kwargs, "state": state}
 
 
@@ -85,25 +64,8 @@ def state_shapes(obj: dict) -> dict:
     return {"$state_shapes": obj}
 
 
-def pack_tree(tree, blobs: list[bytes]):
-    """Replace every array in ``tree`` by an index into ``blobs`` (``.npy`` bytes), for sending."""
-    from .wire import array_to_bytes
-
-    if isinstance(tree, np.ndarray):
-        blobs.append(array_to_bytes(tree))
-        return {"$npy": len(blobs) - 1}
-    if isinstance(tree, dict):
-        return {k: pack_tree(v, blobs) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [pack_tree(v, blobs) for v in tree]
-    return tree
-
-
-# --- evaluating tasks (student side) -----------------------------------------------
-
-
 class Unsupported(TypeError):
-    """The student's code returned something that is not an array, number, list or dict."""
+    """The student's code returned something that is not an array, number, string, list or dict."""
 
 
 def _lookup(namespace: dict, name: str):
@@ -112,15 +74,11 @@ def _lookup(namespace: dict, name: str):
     return namespace[name]
 
 
-def _as_array(node: dict, blobs: list[bytes] | None):
-    value = node["$arr"]
-    if isinstance(value, dict):  # {"$npy": i} after travelling
-        value = decode_value(value, blobs or [])
-    value = np.array(value)  # a private copy the student may modify freely
-    kind = node.get("as", "torch")
-    if kind == "numpy":
+def _input(node: dict):
+    value = np.array(decode(node["$arr"]))  # a private copy the student may change
+    if node.get("as") == "numpy":
         return value
-    if kind == "jax":
+    if node.get("as") == "jax":
         import jax.numpy as jnp
 
         return jnp.asarray(value)
@@ -129,32 +87,35 @@ def _as_array(node: dict, blobs: list[bytes] | None):
     return torch.from_numpy(value)
 
 
-def evaluate(tree, namespace: dict, blobs: list[bytes] | None = None):
-    """Evaluate a task ``tree`` against the student's ``namespace``; return the raw result."""
-    ev = lambda t: evaluate(t, namespace, blobs)  # noqa: E731
+def evaluate(tree, namespace: dict):
+    """Evaluate a task tree against the student's ``namespace``; return the raw result."""
+    def ev(t):
+        return evaluate(t, namespace)
+
+    def args(t):
+        return ev(t["args"]), {k: ev(v) for k, v in t["kwargs"].items()}
+
     if isinstance(tree, list):
         return [ev(t) for t in tree]
     if not isinstance(tree, dict):
         return tree
     if "$arr" in tree:
-        return _as_array(tree, blobs)
+        return _input(tree)
     if "$call" in tree:
-        fn = _lookup(namespace, tree["$call"])
-        return fn(*ev(tree["args"]), **{k: ev(v) for k, v in tree["kwargs"].items()})
+        a, k = args(tree)
+        return _lookup(namespace, tree["$call"])(*a, **k)
     if "$new" in tree:
-        cls = _lookup(namespace, tree["$new"])
-        obj = cls(*ev(tree["args"]), **{k: ev(v) for k, v in tree["kwargs"].items()})
+        a, k = args(tree)
+        obj = _lookup(namespace, tree["$new"])(*a, **k)
         if tree.get("state") is not None:
-            state = {k: ev(v) for k, v in tree["state"].items()}
-            obj.load_state_dict(state, strict=True)
-        if hasattr(obj, "eval"):
-            obj.eval()
-        return obj
+            obj.load_state_dict({key: ev(v) for key, v in tree["state"].items()}, strict=True)
+        return obj.eval() if hasattr(obj, "eval") else obj
     if "$apply" in tree:
-        return ev(tree["$apply"])(*ev(tree["args"]), **{k: ev(v) for k, v in tree["kwargs"].items()})
+        a, k = args(tree)
+        return ev(tree["$apply"])(*a, **k)
     if "$method" in tree:
-        obj = ev(tree["on"])
-        return getattr(obj, tree["$method"])(*ev(tree["args"]), **{k: ev(v) for k, v in tree["kwargs"].items()})
+        a, k = args(tree)
+        return getattr(ev(tree["on"]), tree["$method"])(*a, **k)
     if "$num_params" in tree:
         return int(sum(p.numel() for p in ev(tree["$num_params"]).parameters()))
     if "$state_shapes" in tree:
@@ -163,42 +124,74 @@ def evaluate(tree, namespace: dict, blobs: list[bytes] | None = None):
 
 
 def seed_all(seed: int = 0) -> None:
-    """Seed Python, NumPy and (if imported) torch before each task, so dropout-free code is deterministic."""
-    import sys
-
+    """Seed Python, NumPy and (if imported) torch, so dropout-free code is deterministic."""
     random.seed(seed)
     np.random.seed(seed)
     if "torch" in sys.modules:
         sys.modules["torch"].manual_seed(seed)
 
 
-def to_plain(value, depth: int = 0) -> Any:
-    """Turn a task result into NumPy arrays, numbers, strings, lists and dicts.
-
-    Tensors (torch, JAX, NumPy) become NumPy arrays; tuples become lists.
-    Anything else raises :class:`Unsupported` naming its type.
-    """
+def to_plain(value, depth: int = 0):
+    """A result as NumPy arrays (from torch, JAX or NumPy), numbers, strings, lists and dicts."""
     if depth > 20:
-        raise Unsupported("the result is nested too deeply")
+        raise Unsupported("a result nested too deeply")
     if value is None or isinstance(value, (bool, int, float, str)):
         return value[:1000] if isinstance(value, str) else value
     if isinstance(value, np.generic):
         return value.item()
     if hasattr(value, "detach") and hasattr(value, "numpy"):  # torch.Tensor
         value = value.detach().cpu()
-        if value.dtype.is_floating_point and value.dtype.itemsize < 4:
-            value = value.float()
-        value = value.numpy()
+        value = (value.float() if value.dtype.is_floating_point and value.dtype.itemsize < 4 else value).numpy()
     elif not isinstance(value, np.ndarray) and hasattr(value, "__array__") and hasattr(value, "shape"):
-        value = np.asarray(value)  # JAX and other array types
+        value = np.asarray(value)  # JAX
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise Unsupported(f"an array of dtype {value.dtype}, not numbers")
-        if value.size > MAX_ARRAY_ELEMENTS:
+        if value.size > MAX_ELEMENTS:
             raise Unsupported(f"an array of shape {value.shape}, too large to compare")
         return value
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "Size":
+    if isinstance(value, (list, tuple)):
         return [to_plain(v, depth + 1) for v in value]
     if isinstance(value, dict):
         return {str(k): to_plain(v, depth + 1) for k, v in value.items()}
     raise Unsupported(f"a {type(value).__name__}")
+
+
+def encode(value):
+    """A plain value (or task tree) as JSON-able data, arrays as ``{"$npy": base64}``."""
+    if isinstance(value, np.ndarray):
+        buffer = io.BytesIO()
+        np.save(buffer, value, allow_pickle=False)
+        return {"$npy": base64.b64encode(buffer.getvalue()).decode()}
+    if isinstance(value, dict):
+        return {str(k): encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [encode(v) for v in value]
+    return value
+
+
+def _array(text) -> np.ndarray:
+    raw = base64.b64decode(text, validate=True)
+    f = io.BytesIO(raw)
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f, max_header_size=1000)
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if dtype.kind not in "biuf" or count > MAX_ELEMENTS or count * dtype.itemsize != len(raw) - f.tell():
+        raise ValueError("an array that is not plain numbers of the size its header states")
+    return np.frombuffer(raw, dtype, count, f.tell()).reshape(shape, order="F" if fortran else "C").copy()
+
+
+def decode(value, depth: int = 0):
+    """Inverse of :func:`encode`; raises ``ValueError`` for anything malformed, deep or oversized."""
+    if depth > 40:
+        raise ValueError("a value nested too deeply")
+    if isinstance(value, dict):
+        if set(value) == {"$npy"}:
+            return _array(value["$npy"])
+        return {str(k): decode(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode(v, depth + 1) for v in value]
+    if isinstance(value, np.ndarray) or value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"an unexpected {type(value).__name__}")

@@ -1,288 +1,263 @@
-"""Starting and talking to the sandboxed fork server (grader side).
+"""Starting the sandbox (grader side) and reading what one submission's run writes.
 
-What the student process can see, with bubblewrap (``bwrap``):
-
-* read-only: the system (``/usr``, ``/etc``, the ``/lib`` links), the Python
-  installation and the virtual environment the grader runs in (not the rest of
-  ``/opt`` or ``/root``, even when they live there);
-* read-only at the package's own path: a *view* of ``vitcourse`` holding only the
-  sandbox half of :mod:`vitcourse.grading` (``wire``, ``runtime``, ``worker``) and
-  the core modules the chapter lets students use; never the hidden checks, the
-  exercise specs, the reference modules the exercises ask students to write, the
-  notebooks, the repository or the other submissions;
-* its own empty ``/tmp`` (256 MiB at most), a read-only ``/dev``; no network, no
-  other processes (new PID namespace), no capabilities even when the grader runs as root.
-
-Without bubblewrap the same fork server runs as a plain process, with the same
-resource limits, in a private scratch directory; the grader says so on the first
-line of its report.
+With bubblewrap (``bwrap``) the zygote of :mod:`.inside` sees, read-only: ``/usr`` and the
+``/lib`` links, ``/etc/ld.so.cache``, this Python's standard library, and in its
+site-packages only the distributions grading needs (torch, NumPy, einops, JAX for the
+JAX chapter, libseccomp's bindings) with what they require; no timm, no other package.
+It also sees a *view* of ``vitcourse`` holding only ``runtime`` and ``inside`` of the
+grading package and the core modules the chapter allows. Never: the repository, the
+exercise specs, the hidden checks, the submissions or the output folder. It has no
+network, its own PID and IPC namespaces, and runs as an unprivileged uid (60000 + worker
+number when the grader runs as root). Each submission then gets fresh namespaces of its
+own (see :mod:`.inside`).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata as md
+import json
 import os
-import secrets
+import re
 import select
 import shutil
+import site
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from . import wire
+PACKAGE = Path(__file__).resolve().parent.parent  # .../vitcourse
+ALLOWED = ("torch", "numpy", "einops", "pyseccomp")
+MAX_OUTPUT = 64 * 2**20  # bytes one run may write
 
-PACKAGE_DIR = Path(__file__).resolve().parent.parent  # .../vitcourse
-SANDBOX_FILES = ("__init__.py", "wire.py", "runtime.py", "worker.py")
-"""The files of :mod:`vitcourse.grading` that the student process may see."""
-TMP_SIZE = 256 * 2**20
-"""Size of the sandbox's ``/tmp`` (where bubblewrap can limit it)."""
+
+def _closure(names) -> set:
+    """The distributions ``names`` need at run time (their requirements, transitively; no extras)."""
+    found, todo = {}, list(names)
+    while todo:
+        name = re.split(r"[ ;<>=!~\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
+        if name in found:
+            continue
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        found[name] = dist
+        for req in dist.requires or []:
+            marker = req.split(";", 1)[1] if ";" in req else ""
+            if "extra" in marker:
+                continue
+            if marker:
+                from packaging.markers import Marker
+
+                if not Marker(marker).evaluate():
+                    continue
+            todo.append(req)
+    return set(found.values())
+
+
+def package_binds(names=ALLOWED) -> list[str]:
+    """bwrap arguments: an empty tmpfs over every site-packages folder, then only ``names`` and their needs."""
+    args, entries = [], set()
+    for folder in {*site.getsitepackages(), site.getusersitepackages()}:
+        if Path(folder).is_dir():
+            args += ["--tmpfs", folder]
+    for dist in _closure(names):
+        for file in dist.files or []:
+            if file.parts and file.parts[0] != "..":
+                entries.add(Path(dist.locate_file(file.parts[0])))
+    for path in sorted(entries):
+        if path.exists():
+            args += ["--ro-bind", str(path), str(path)]
+    return args
+
+
+def _parents(path: str) -> list[str]:
+    """``--dir`` with mode 0755 for every folder above ``path`` (bwrap would make them 0700)."""
+    parts = Path(path).parts[1:-1]
+    return [a for i in range(len(parts)) for a in ("--perms", "0755", "--dir", "/" + "/".join(parts[: i + 1]))]
+
+
+def bwrap_command(view: Path, chapter_preload: str) -> list[str]:
+    """The bwrap command line of a zygote (see the module docstring)."""
+    base, prefix = sys.base_prefix, sys.prefix
+    root = os.geteuid() == 0
+    args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+            *([] if root else ["--unshare-user"]), "--die-with-parent", "--new-session",
+            "--ro-bind", "/usr", "/usr"]
+    for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        if os.path.islink("/" + top):
+            args += ["--symlink", os.readlink("/" + top), "/" + top]
+        elif os.path.isdir("/" + top):
+            args += ["--ro-bind", "/" + top, "/" + top]
+    for path in sorted({base, prefix}):
+        if not path.startswith("/usr/"):
+            args += [*_parents(path), "--ro-bind", path, path]
+    if os.path.exists("/etc/ld.so.cache"):
+        args += [*_parents("/etc/ld.so.cache"), "--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    args += [*package_binds(ALLOWED + (("jax",) if "jax" in chapter_preload else ())),
+             "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
+             "--ro-bind", str(view), "/grader", "--chdir", "/tmp"]
+    return args
+
+
+def environment(sandboxed: bool, home: str) -> dict:
+    """The zygote's environment variables."""
+    return {"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home, "USER": "student", "LANG": "C.UTF-8",
+            "PYTHONPATH": "/grader" if sandboxed else home + "/grader", "PYTHONDONTWRITEBYTECODE": "1",
+            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "MPLCONFIGDIR": home,
+            "VITCOURSE_SANDBOX": "1" if sandboxed else "0", "JAX_PLATFORMS": "cpu"}
+
+
+def build_view(dest: Path, core_modules: tuple[str, ...]) -> Path:
+    """Write the sandbox's ``vitcourse`` into ``dest``: ``runtime``, ``inside``, a no-op ``check``, ``core_modules``."""
+    (dest / "vitcourse" / "grading").mkdir(parents=True)
+    (dest / "vitcourse" / "__init__.py").write_text('"""vitcourse as seen while grading."""\n')
+    (dest / "vitcourse" / "grading" / "__init__.py").write_text(
+        'def check(exercise_id, namespace=None):\n    """No-op while grading: the grader runs its own checks."""\n')
+    for name in ("runtime.py", "inside.py"):
+        shutil.copy(PACKAGE / "grading" / name, dest / "vitcourse" / "grading" / name)
+    for module in core_modules:
+        shutil.copy(PACKAGE / f"{module}.py", dest / "vitcourse" / f"{module}.py")
+    for path in [dest, *dest.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return dest
 
 
 @functools.lru_cache(maxsize=1)
 def bwrap_status() -> tuple[bool, str]:
-    """``(usable, description)``: whether bubblewrap is installed and can create a sandbox here."""
-    exe = shutil.which("bwrap")
-    if exe is None:
+    """``(usable, description)``: whether a zygote and one submission can be sealed here."""
+    if shutil.which("bwrap") is None:
         return False, "bubblewrap (bwrap) is not installed"
-    probe = [exe, "--unshare-all", "--cap-drop", "ALL", "--die-with-parent", "--ro-bind", "/", "/",
-             "--proc", "/proc", "--dev", "/dev", "true"]
-    try:
-        result = subprocess.run(probe, capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        return False, f"bubblewrap could not start ({err})"
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
-        return False, f"bubblewrap cannot create a sandbox on this machine ({reason})"
-    return True, f"bubblewrap ({exe})"
+    with tempfile.TemporaryDirectory() as tmp:
+        zygote = Zygote(build_view(Path(tmp) / "view", ()), "", slot=0, sandboxed=True)
+        try:
+            zygote.start(timeout=60)
+            records, ended = zygote.run({"statements": [], "setup_seconds": 1, "public": [], "budgets": {},
+                                         "memory": 2**30, "workdir": "/tmp"}, [], time.monotonic() + 60)
+        except (OSError, RuntimeError) as err:
+            return False, f"bubblewrap cannot create a sandbox on this machine ({err})"
+        finally:
+            zygote.close()
+    fatal = [r["fatal"] for r, _, _ in records if isinstance(r.get("fatal"), str)]
+    if fatal or ended != "eof":
+        return False, fatal[0] if fatal else f"the sandbox did not run a test submission ({ended})"
+    return True, "bubblewrap, with fresh namespaces for each submission"
 
 
-def build_view(dest: Path, core_modules: tuple[str, ...]) -> Path:
-    """Write the sandbox's view of the package into ``dest/vitcourse``; return that directory.
+class Zygote:
+    """One worker's zygote process (see :mod:`.inside`); runs one submission at a time."""
 
-    Args:
-        dest: an empty directory.
-        core_modules: names of ``vitcourse`` modules the chapter's students may import
-            (for example ``("attention",)`` in chapter 3, where students reuse chapter 1).
-    """
-    view = dest / "vitcourse"
-    (view / "grading").mkdir(parents=True)
-    (view / "__init__.py").write_text(
-        '"""vitcourse as seen while grading: only the modules this chapter may use."""\n'
-    )
-    for name in SANDBOX_FILES:
-        shutil.copy2(PACKAGE_DIR / "grading" / name, view / "grading" / name)
-    (view / "grading" / "public.py").write_text(
-        '"""check() does nothing while grading: the grader runs its own checks."""\n\n\n'
-        'def check(exercise_id, namespace=None):\n    """No-op stand-in for vitcourse.grading.check."""\n'
-    )
-    for module in core_modules:
-        shutil.copy2(PACKAGE_DIR / f"{module}.py", view / f"{module}.py")
-    return view
-
-
-def _count_processes(uid: int) -> int:
-    """How many processes ``uid`` runs now (RLIMIT_NPROC counts them all, not just ours)."""
-    count = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                count += os.stat(f"/proc/{entry}").st_uid == uid
-            except OSError:
-                continue
-    return count
-
-
-def process_limit(extra: int = 128) -> int:
-    """An RLIMIT_NPROC value leaving the student ``extra`` processes (threads count too).
-
-    A second line of defence behind the seccomp filter of the worker (the kernel does not
-    apply RLIMIT_NPROC to root at all).
-    """
-    return _count_processes(os.geteuid()) + extra
-
-
-@functools.lru_cache(maxsize=1)
-def _tmpfs_size() -> tuple[str, ...]:
-    """``--size`` for the sandbox's ``/tmp`` if this bubblewrap supports it (0.7 and newer)."""
-    try:
-        help_text = subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return ()
-    return ("--size", str(TMP_SIZE)) if "--size" in help_text else ()
-
-
-def _system_binds() -> list[str]:
-    """Read-only binds of the system and of this Python (its installation and virtual environment only)."""
-    args: list[str] = []
-    for top in ("usr", "etc"):
-        if Path("/" + top).is_dir():
-            args += ["--ro-bind", "/" + top, "/" + top]
-    for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
-        path = Path("/" + top)
-        if path.is_symlink():
-            args += ["--symlink", os.readlink(path), "/" + top]
-        elif path.is_dir():
-            args += ["--ro-bind", "/" + top, "/" + top]
-    for prefix in sorted({sys.prefix, sys.base_prefix, sys.exec_prefix,
-                          str(Path(sys.executable).resolve().parent.parent)}):
-        if not prefix.startswith(("/usr/", "/etc/")) and Path(prefix).is_dir():
-            args += ["--ro-bind", prefix, prefix]
-    return args
-
-
-class WorkerDied(RuntimeError):
-    """The fork server ended or stopped answering; the grader starts a new one."""
-
-
-class Worker:
-    """One warm fork server (sandboxed if possible) that runs jobs one at a time.
-
-    Args:
-        view_root: directory holding the package view made by :func:`build_view`.
-        preload: modules the server imports once (``"torch"``, ``"torch,jax"``).
-        sandbox: use bubblewrap (``None``: whenever it works).
-    """
-
-    def __init__(self, view_root: Path, preload: str = "torch", sandbox: bool | None = None) -> None:
-        self.view_root = Path(view_root)
-        self.preload = preload
-        self.sandbox = bwrap_status()[0] if sandbox is None else sandbox
+    def __init__(self, view: Path, preload: str, slot: int, sandboxed: bool) -> None:
+        self.view, self.preload, self.slot, self.sandboxed = view, preload, slot, sandboxed
         self.proc: subprocess.Popen | None = None
-        self.vm_size = 0
-        self.scratch: str | None = None
-
-    def command(self) -> list[str]:
-        """The command line that starts the server."""
-        entry = ["-c", "from vitcourse.grading.worker import serve; serve()"]
-        python = sys.executable
-        if not self.sandbox:
-            return [python, "-s", *entry, "--scratch", self.scratch, "--preload", self.preload]
-        view = self.view_root / "vitcourse"
-        return [
-            # New PID, network, IPC... namespaces; no capabilities (not even as root), so the
-            # student process cannot reach the server through /proc; killed with the grader.
-            "bwrap", "--unshare-all", "--as-pid-1", "--cap-drop", "ALL", "--die-with-parent", "--new-session",
-            # The empty /tmp comes first: binds listed after it may sit inside it (a course
-            # cloned under /tmp keeps its venv and package visible). /dev is read-only, so
-            # nothing outlives a run in /dev/shm.
-            "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", *_tmpfs_size(), "--tmpfs", "/tmp",
-            *_system_binds(),
-            "--ro-bind", str(view), str(PACKAGE_DIR),
-            "--chdir", "/tmp",
-            # PYTHONPATH: the view is found however the package was installed (an editable
-            # install may point at another checkout, which the sandbox does not show)
-            "--clearenv", "--setenv", "PYTHONPATH", str(PACKAGE_DIR.parent),
-            "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
-            "--setenv", "LANG", "C.UTF-8", "--setenv", "OMP_NUM_THREADS", "1",
-            "--setenv", "MKL_NUM_THREADS", "1", "--setenv", "PYTHONDONTWRITEBYTECODE", "1",
-            python, "-s", *entry, "--scratch", "/tmp", "--preload", self.preload,
-        ]
+        self.home = None
 
     def start(self, timeout: float = 120.0) -> None:
-        """Start the server and wait until it has imported its modules."""
-        self.scratch = tempfile.mkdtemp(prefix="vitcourse-grade-")
-        os.chmod(self.scratch, 0o755)
-        env = None
-        if not self.sandbox:
-            # the view comes first on sys.path, ahead of the editable install's finder
-            env = {"PATH": "/usr/bin:/bin", "HOME": self.scratch, "LANG": "C.UTF-8",
-                   "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1",
-                   "PYTHONPATH": str(self.view_root)}
-        self.log = open(os.path.join(self.scratch, "..", os.path.basename(self.scratch) + ".log"), "wb")
-        self.proc = subprocess.Popen(
-            self.command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-            cwd=self.scratch, env=env, start_new_session=True,
-        )
-        header, _ = self._read(time.monotonic() + timeout)
-        if header.get("kind") != "ready":
-            raise WorkerDied("the grading worker did not start")
-        self.vm_size = int(header.get("vm_size", 0))
+        """Start the zygote and wait until it has imported its modules."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        root = os.geteuid() == 0
+        uid = [str(60000 + self.slot)] if root else []
+        self.home = "/tmp" if self.sandboxed else tempfile.mkdtemp(prefix="vitcourse-grading-")
+        if not self.sandboxed:
+            shutil.copytree(self.view, Path(self.home) / "grader")
+        command = [sys.executable, "-s", "-m", "vitcourse.grading.inside", str(theirs.fileno()), self.preload, *uid]
+        if self.sandboxed:
+            command = bwrap_command(self.view, self.preload) + command
+        log = None if os.environ.get("VITCOURSE_GRADING_DEBUG") else subprocess.DEVNULL
+        self.proc = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=log, env=environment(self.sandboxed, self.home),
+                                     cwd=self.home, start_new_session=True)
+        theirs.close()
+        self.control = ours
+        if not select.select([ours], [], [], timeout)[0] or ours.recv(16) != b"ready":
+            self.close()
+            raise RuntimeError("the grading zygote did not start")
 
-    def ready(self) -> bool:
-        """True if the server runs and has sent nothing unread: a clean start for the next run.
+    def run(self, job: dict, hidden: list, deadline: float):
+        """Run one submission; return ``(records, ended)``.
 
-        Unread bytes can only be left by a run that ended early or by something other than
-        the server writing to its pipe; the grader then starts a new server.
+        ``records`` are ``(record, seconds since start, after_public)`` for every JSON line;
+        ``ended`` is ``"eof"`` (the run finished or died), ``"deadline"`` or ``"output"`` (it wrote too much).
         """
-        if self.proc is None or self.proc.poll() is not None:
-            return False
-        return not select.select([self.proc.stdout.fileno()], [], [], 0)[0]
-
-    def _read(self, deadline: float) -> tuple[dict, list[bytes]]:
-        fd = self.proc.stdout.fileno()
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            raise WorkerDied("the grading worker stopped answering")
+        r, w = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with tempfile.TemporaryFile() as job_file:
+            job_file.write(json.dumps(job).encode())
+            job_file.seek(0)
+            socket.send_fds(self.control, [b"run"], [w, theirs.fileno(), job_file.fileno()])
+        os.close(w)
+        theirs.close()
+        records, buffer, total, after, start, ended = [], bytearray(), 0, False, time.monotonic(), "eof"
         try:
-            payload = wire.read_frame(fd, limit=wire.MAX_FRAME + 2**20)
-        except wire.WireError as err:
-            raise WorkerDied(f"the grading worker sent a broken message ({err})") from None
-        if payload is None:
-            raise WorkerDied(self._death_reason())
-        return wire.unpack(payload)
-
-    def _death_reason(self) -> str:
-        try:
-            self.log.flush()
-            with open(self.log.name, "rb") as f:
-                tail = f.read()[-400:].decode(errors="replace").strip().splitlines()
-        except OSError:
-            tail = []
-        return "the grading worker exited" + (f": {tail[-1]}" if tail else "")
-
-    def run(self, job: dict, blobs: list[bytes], overall_timeout: float):
-        """Send one run; yield ``(header, blobs)`` for each child message, then the end message.
-
-        Child messages always have ``kind`` ``"child"``; only the server's end message has
-        ``kind`` ``"end"``. Each server message must carry this run's random id: anything
-        else (bytes left over from an earlier run, or written by something other than the
-        server) means the stream cannot be trusted, and the worker is declared dead.
-
-        Raises:
-            WorkerDied: if the server dies, goes silent for ``overall_timeout`` seconds, or
-                sends a message that is not of this run.
-        """
-        run_id = secrets.token_hex(16)
-        try:
-            wire.write_frame(self.proc.stdin.fileno(), wire.pack(dict(job, op="run", run=run_id), blobs))
-        except OSError:
-            raise WorkerDied(self._death_reason()) from None
-        deadline = time.monotonic() + overall_timeout
-        while True:
-            header, data = self._read(deadline)
-            if header.get("run") != run_id:
-                raise WorkerDied("the grading worker sent a message that was not part of this run")
-            if header.get("kind") == "end":
-                yield header, []
-                return
-            if header.get("kind") == "child" and len(data) == 1:
-                try:
-                    message, message_blobs = wire.unpack(data[0])
-                except wire.WireError:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    ended = "deadline"
+                    break
+                if not select.select([r], [], [], left)[0]:
                     continue
-                yield dict(message, kind="child"), message_blobs
+                chunk = os.read(r, 1 << 20)
+                if not chunk:
+                    break
+                total += len(chunk)
+                buffer += chunk
+                *lines, rest = buffer.split(b"\n")
+                buffer = bytearray(rest)
+                if total > MAX_OUTPUT:
+                    ended = "output"
+                    break
+                for line in lines:
+                    record = parse_record(line)
+                    if record is None:
+                        continue
+                    records.append((record, time.monotonic() - start, after))
+                    if record.get("phase") == "public-done" and not after:
+                        after = True
+                        with tempfile.TemporaryFile() as hidden_file:
+                            hidden_file.write(json.dumps(hidden).encode())
+                            hidden_file.seek(0)
+                            socket.send_fds(ours, [b"hidden"], [hidden_file.fileno()])
+        finally:
+            os.close(r)
+            ours.close()
+            self.end()
+        return records, ended
+
+    def end(self) -> None:
+        """Kill whatever is left of the current submission and wait until the zygote is ready again."""
+        try:
+            self.control.send(b"end")
+            if not select.select([self.control], [], [], 30)[0] or self.control.recv(16) != b"ok":
+                raise OSError("no answer")
+        except OSError:
+            self.close()
+
+    def alive(self) -> bool:
+        """Whether the zygote is running."""
+        return self.proc is not None and self.proc.poll() is None
 
     def close(self) -> None:
-        """Stop the server (and with it any sandboxed process) and remove its scratch space."""
+        """Stop the zygote (and with it every process of the sandbox)."""
         if self.proc is not None:
             try:
                 os.killpg(self.proc.pid, 9)
             except OSError:
                 pass
             self.proc.wait()
-            for stream in (self.proc.stdin, self.proc.stdout):
-                try:
-                    stream.close()
-                except OSError:
-                    pass
             self.proc = None
-        if self.scratch:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-            self.log.close()
-            try:
-                os.unlink(self.log.name)
-            except OSError:
-                pass
-            self.scratch = None
+            self.control.close()
+        if self.home and not self.sandboxed:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+
+def parse_record(line: bytes) -> dict | None:
+    """One JSON record, or None for anything else (never raises)."""
+    try:
+        record = json.loads(line.decode("utf-8", "replace"), parse_int=lambda s: int(s) if len(s) < 20 else 0)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None

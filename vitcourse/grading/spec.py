@@ -1,9 +1,9 @@
 """Exercise specifications: chapters, exercises, checks, and how answers are compared.
 
 A chapter's public spec (``vitcourse/grading/exercises/chNN.py``) defines
-``CHAPTER = Chapter(...)`` with its exercises and their *public* checks; its
-hidden spec (``vitcourse/grading/hidden/chNN.py``) defines ``HIDDEN = {exercise_id:
-[Check, ...]}``. A :class:`Check` builds a :class:`Case` from a seeded random
+``CHAPTER = Chapter(...)`` with its exercises and their *public* checks; its hidden
+spec (``grading/hidden/chNN.py`` at the repository root, never in the installed
+package) defines ``HIDDEN = {exercise_id: [Check, ...]}``. A :class:`Check` builds a :class:`Case` from a seeded random
 generator: the task to send (:mod:`vitcourse.grading.runtime`), the expected value
 computed here with the course's reference code, and the comparison to apply.
 """
@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import inspect
+import os
 import pkgutil
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -177,6 +180,9 @@ class Exercise:
             them are the answer cells.
         statement: one-paragraph task statement (also in the notebook).
         public: the checks ``check(id)`` runs in the student's notebook.
+        forbidden: names the statement forbids (``"torch.softmax"``; ``".softmax"`` for any
+            attribute of that name; a module such as ``"timm"`` covers everything in it). A use
+            in the answer's code costs all of the exercise's points.
     """
 
     id: str
@@ -185,6 +191,7 @@ class Exercise:
     answers: tuple[str, ...]
     statement: str
     public: list[Check] = field(default_factory=list)
+    forbidden: tuple[str, ...] = ("timm",)
 
 
 @dataclass
@@ -198,7 +205,7 @@ class Chapter:
         exercises: in notebook order.
         sandbox_modules: ``vitcourse`` core modules the grading sandbox exposes
             (the ones students may build on; never the ones they are asked to write).
-        preload: modules the grading worker imports once, comma-separated.
+        preload: modules the sandbox imports once, comma-separated.
         exercise_seconds: wall time shared by all checks of one exercise (``--time-limit`` overrides it).
     """
 
@@ -236,12 +243,24 @@ def load_chapter(name: str) -> Chapter:
     return importlib.import_module(f"vitcourse.grading.exercises.{name}").CHAPTER
 
 
-def load_hidden(name: str) -> dict[str, list[Check]]:
-    """The hidden checks of chapter ``name`` (``{}`` if it has none)."""
-    try:
-        module = importlib.import_module(f"vitcourse.grading.hidden.{name}")
-    except ModuleNotFoundError:
+HIDDEN_VARIABLE = "VITCOURSE_HIDDEN"
+"""Environment variable naming the folder of hidden checks (like ``vitcourse grade --hidden``)."""
+
+
+def hidden_folder(path=None) -> Path | None:
+    """The folder of hidden checks: ``path``, else ``$VITCOURSE_HIDDEN``, else ``grading/hidden`` of a checkout."""
+    candidates = [path, os.environ.get(HIDDEN_VARIABLE), Path(__file__).resolve().parents[2] / "grading" / "hidden"]
+    return next((Path(p) for p in candidates if p and (Path(p) / "__init__.py").is_file()), None)
+
+
+def load_hidden(name: str, folder: Path) -> dict[str, list[Check]]:
+    """The hidden checks of chapter ``name`` from ``folder`` (``{}`` if it has none)."""
+    path = Path(folder) / f"{name}.py"
+    if not path.is_file():
         return {}
+    spec = importlib.util.spec_from_file_location(f"vitcourse_hidden_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module.HIDDEN
 
 

@@ -77,6 +77,8 @@ CHAPTER = Chapter(
                       "It must not overflow for large scores and must accept -inf entries.",
             public=[Check("a (4, 7) tensor along the last dimension", softmax_case((4, 7))),
                     Check("a (2, 3, 5) tensor along dimension 1", softmax_case((2, 3, 5), dim=1))],
+            forbidden=("timm", "torch.softmax", "torch.nn.functional.softmax", "torch.special.softmax", ".softmax",
+                       "torch.nn.Softmax", "torch.log_softmax", "torch.nn.functional.log_softmax", ".log_softmax"),
         ),
         Exercise(
             id="1.2", title="Masked scaled dot-product attention", points=3, answers=("attention",),
@@ -85,6 +87,7 @@ CHAPTER = Chapter(
                       "(..., n_q, n_k) and False means 'may not attend'.",
             public=[Check("self-attention on a (2, 5, 8) batch, no mask", attention_case((2,), 5, 5, 8, 8)),
                     Check("a causal mask", attention_case((2,), 6, 6, 4, 4, mask="causal"))],
+            forbidden=("timm", "torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention"),
         ),
         Exercise(
             id="1.3", title="Multi-head self-attention", points=4, answers=("MultiHeadSelfAttention",),
@@ -93,6 +96,8 @@ CHAPTER = Chapter(
                       "matches timm's; forward(x) maps (B, N, dim) to (B, N, dim).",
             public=[Check("the output for dim 16, 4 heads, with the grader's weights", mhsa_case(16, 4)),
                     Check("the parameter names and shapes for dim 16, 4 heads", mhsa_case(16, 4, what="shapes"))],
+            forbidden=("timm", "torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention",
+                       "torch.nn.functional.multi_head_attention_forward"),
         ),
     ],
 )

@@ -76,12 +76,14 @@ CHAPTER = Chapter(
                       "and LayerNorm eps 1e-6; forward maps images to (B, num_classes) logits from the CLS token.",
             public=[Check("the logits of a small ViT with the grader's weights", vit_case(SMALL)),
                     Check("the parameter names and shapes of a small ViT", vit_case(SMALL, what="shapes"))],
+            forbidden=("timm", "vitcourse.vit", "torchvision"),
         ),
         Exercise(
             id="4.3", title="Counting parameters", points=2, answers=("vit_parameter_count",),
             statement="Write vit_parameter_count(image_size, patch_size, in_channels, num_classes, dim, depth, "
                       "mlp_dim) returning the number of parameters of that ViT, from a formula (build no model).",
             public=[Check("the count of a small ViT", count_case(SMALL))],
+            forbidden=("timm", "ViT", "torch.nn", ".parameters", ".numel", ".state_dict", "vitcourse"),
         ),
     ],
 )

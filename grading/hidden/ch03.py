@@ -3,9 +3,9 @@
 from vitcourse.encoder import MLP
 from vitcourse.vit import count_parameters
 
-from ..exercises.ch03 import block, layer_norm_case, module_case
-from ..runtime import new, num_params
-from ..spec import Case, Check, exact
+from vitcourse.grading.exercises.ch03 import block, layer_norm_case, module_case
+from vitcourse.grading.runtime import new, num_params
+from vitcourse.grading.spec import Case, Check, exact
 
 HIDDEN = {
     "3.1": [

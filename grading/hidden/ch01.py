@@ -3,9 +3,9 @@
 from vitcourse.attention import MultiHeadSelfAttention
 from vitcourse.vit import count_parameters
 
-from ..exercises.ch01 import attention_case, mhsa_case, softmax_case
-from ..runtime import new, num_params
-from ..spec import Case, Check, exact
+from vitcourse.grading.exercises.ch01 import attention_case, mhsa_case, softmax_case
+from vitcourse.grading.runtime import new, num_params
+from vitcourse.grading.spec import Case, Check, exact
 
 HIDDEN = {
     "1.1": [

@@ -1,7 +1,7 @@
 """Chapter 6 hidden checks: other sizes, large activations, other class counts and image sizes."""
 
-from ..exercises.ch06 import block_case, net_case
-from ..spec import Check
+from vitcourse.grading.exercises.ch06 import block_case, net_case
+from vitcourse.grading.spec import Check
 
 HIDDEN = {
     "6.1": [

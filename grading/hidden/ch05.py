@@ -1,7 +1,7 @@
 """Chapter 5 hidden checks: no warmup, warmup only, extreme logits, no smoothing, absent classes."""
 
-from ..exercises.ch05 import confusion_case, schedule_case, smoothing_case
-from ..spec import Check
+from vitcourse.grading.exercises.ch05 import confusion_case, schedule_case, smoothing_case
+from vitcourse.grading.spec import Check
 
 HIDDEN = {
     "5.1": [

@@ -2,8 +2,8 @@
 
 from vitcourse.vit import ViTConfig
 
-from ..exercises.ch04 import count_case, tokens_case, vit_case
-from ..spec import Check
+from vitcourse.grading.exercises.ch04 import count_case, tokens_case, vit_case
+from vitcourse.grading.spec import Check
 
 WIDE = ViTConfig(image_size=64, patch_size=8, in_channels=3, num_classes=100, dim=48, depth=4, heads=4, mlp_dim=96)
 GREY = ViTConfig(image_size=12, patch_size=3, in_channels=1, num_classes=3, dim=12, depth=3, heads=3, mlp_dim=24)

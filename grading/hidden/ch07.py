@@ -1,7 +1,7 @@
 """Chapter 7 hidden checks: other sizes, large offsets, one head, a single example, no momentum."""
 
-from ..exercises.ch07 import attention_case, layer_norm_case, loss_case, momentum_case, patch_kernel_case
-from ..spec import Check
+from vitcourse.grading.exercises.ch07 import attention_case, layer_norm_case, loss_case, momentum_case, patch_kernel_case
+from vitcourse.grading.spec import Check
 
 HIDDEN = {
     "7.1": [

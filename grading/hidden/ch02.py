@@ -3,9 +3,9 @@
 from vitcourse.patches import PatchEmbed
 from vitcourse.vit import count_parameters
 
-from ..exercises.ch02 import embed_case, to_image_case, to_patches_case
-from ..runtime import new, num_params
-from ..spec import Case, Check, exact
+from vitcourse.grading.exercises.ch02 import embed_case, to_image_case, to_patches_case
+from vitcourse.grading.runtime import new, num_params
+from vitcourse.grading.spec import Case, Check, exact
 
 HIDDEN = {
     "2.1": [
