@@ -1,9 +1,11 @@
-"""Write the adversarial grading corpus (tests/grading_corpus/ch01/*.ipynb) and its expected scores.
+"""Write the adversarial grading corpus (tests/grading_corpus/chNN/*.ipynb) and its expected scores.
 
-Each submission is the chapter 1 solution notebook with a few cells changed. Run
-``python tests/grading_corpus/make_corpus.py`` after changing the ch01 solution
-notebook; ``expected.json`` holds the scores the grader must give to each file
-(``needs_sandbox`` lists files whose score relies on the sandbox hiding the disk).
+Each submission is a chapter's solution notebook with a few cells changed. Run
+``python tests/grading_corpus/make_corpus.py`` after changing a solution notebook;
+``expected.json`` holds the scores the grader must give to each file under the test's
+budgets (setup 4 s, 3 s per exercise: ``LIMITS``). ``needs_sandbox`` marks files whose
+score relies on the sandbox; ``timed`` marks attacks on the grader's time, whose scores
+depend on the machine and which must finish within the submission's cap.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ def attention(q, k, v, mask=None):
 '''
 
 CASES: dict[str, tuple[dict, dict]] = {}
+LIMITS = {"setup_seconds": 4.0, "exercise_seconds": 3.0}
 
 
-def case(name: str, scores: tuple[float, float, float], sandbox: bool = False):
+def case(name: str, scores, sandbox: bool = False, chapter: str = "ch01", timed: bool = False):
     def register(fn):
-        CASES[name] = (fn, {"1.1": scores[0], "1.2": scores[1], "1.3": scores[2], "needs_sandbox": sandbox})
+        ids = ["1.1", "1.2", "1.3"] if chapter == "ch01" else ["4.1", "4.2", "4.3"]
+        CASES[f"{chapter}/{name}"] = (fn, {**dict(zip(ids, scores)), "needs_sandbox": sandbox, "timed": timed})
         return fn
     return register
 
@@ -352,18 +356,172 @@ def _(nb):
     nb["cells"] = nb["cells"][:2] + extra + nb["cells"][2:]
 
 
+SUBMIT = "\n".join(f"_ = {i}" for i in range(3000))
+
+
+@case("surrogate_in_comment", (2, 3, 4))
+def _(nb):
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n# a lone surrogate: \ud800\n")
+
+
+@case("surrogate_in_error", (0, 3, 4))
+def _(nb):
+    set_src(nb, SOFTMAX, 'def softmax(x, dim=-1):\n    raise ValueError("\ud800 \udfff")')
+    set_src(nb, ATTENTION, OWN_ATTENTION)
+
+
+@case("deep_metadata", (0, 0, 0))
+def _(nb):
+    nb["metadata"]["deep"] = "DEEP"  # replaced by 100,000 nested lists when written
+
+
+@case("huge_integer_metadata", (2, 3, 4))
+def _(nb):
+    nb["metadata"]["huge"] = "HUGE"  # replaced by a 5,000-digit integer when written
+
+
+@case("nested_records", (2, 3, 4))
+def _(nb):
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace("    ### BEGIN SOLUTION", """    import os
+    for fd in range(3, 40):  # the pipes: where the runner writes its records
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:"):
+                continue
+            os.write(fd, b"\\n" + b"[" * 100_000 + b"]" * 100_000 + b"\\n" + b'{"done": 1, "value": ' + b"9" * 5000 + b"}\\n")
+        except OSError:
+            pass
+    ### BEGIN SOLUTION""", 1))
+
+
+@case("reads_root_files", (0, 3, 4), sandbox=True)
+def _(nb):
+    set_src(nb, SOFTMAX, '''
+import os
+
+
+def softmax(x, dim=-1):
+    try:
+        secret = open("/etc/shadow").read()
+    except OSError as err:
+        secret = f"unreadable ({type(err).__name__})"
+    raise ValueError(f"uid {os.getuid()} euid {os.geteuid()} shadow {secret[:60]}")
+''')
+    set_src(nb, ATTENTION, OWN_ATTENTION)
+
+
+# SysV message queues: the first leaves a message, the second (graded after it) looks for it
+MSG = '''
+import ctypes
+_libc = ctypes.CDLL(None, use_errno=True)
+'''
+
+
+@case("sysv_a_writer", (2, 3, 4))
+def _(nb):
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX) + MSG + '''
+_queue = _libc.msgget(0x5EED, 0o1666)
+_libc.msgsnd(_queue, ctypes.create_string_buffer(b"\\x01\\0\\0\\0\\0\\0\\0\\0secret answers"), 14, 0)
+''')
+
+
+@case("sysv_b_reader", (0, 3, 4))
+def _(nb):
+    set_src(nb, SOFTMAX, MSG + '''
+
+def softmax(x, dim=-1):
+    queue = _libc.msgget(0x5EED, 0)
+    raise ValueError("found the queue of another submission" if queue >= 0 else "no queue from another submission")
+''')
+    set_src(nb, ATTENTION, OWN_ATTENTION)
+
+
+@case("slow_sanity_loop", (2, 3, 4))
+def _(nb):  # an honest notebook whose answer cell ends with a long loop: the loop is stopped, the answer kept
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nfor _ in range(10**10):\n    _ = 1 + 1\n")
+
+
+@case("slow_import_and_infinite_loop", (0.4, 3, 4))
+def _(nb):
+    set_src(nb, "ch01-01", "import time\ntime.sleep(2.5)\n" + src(nb, "ch01-01"))
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace(
+        "    ### BEGIN SOLUTION", "    while dim != -1:\n        pass\n    ### BEGIN SOLUTION", 1))
+
+
+SLEEP_ONCE = '''
+        import os as _os, time as _time
+        if not _os.path.exists("/tmp/slept-{0}"):
+            open("/tmp/slept-{0}", "w").close()
+            _time.sleep(2.0)
+'''
+
+
+@case("sleeps_just_under_each_budget", (2, 3, 4), sandbox=True)
+def _(nb):
+    set_src(nb, "ch01-01", "import time\ntime.sleep(3.0)\n" + src(nb, "ch01-01"))
+    for cell_id, ex in ((SOFTMAX, "1.1"), (ATTENTION, "1.2")):
+        set_src(nb, cell_id, src(nb, cell_id).replace("    ### BEGIN SOLUTION", SLEEP_ONCE.format(ex)[1:].replace(
+            "        ", "    ") + "    ### BEGIN SOLUTION", 1))
+    method_body(nb, "forward", SLEEP_ONCE.format("1.3"))
+
+
+@case("many_process_exits", (2, 3, 4), timed=True)
+def _(nb):  # each line ends the runner: each costs a run of its own, all within the submission's cap
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nimport os\n" + "\n".join(["os._exit(0)"] * 300))
+
+
+@case("stalls_the_runner", (0, 0, 0), timed=True)
+def _(nb):  # breaks the runner's own clock and waiting after the first answers: only the grader's clock is left
+    set_src(nb, ATTENTION, src(nb, ATTENTION) + '''
+
+import os, select, time
+select.select = lambda *a, **k: time.sleep(10**6)
+os.waitpid = lambda *a, **k: time.sleep(10**6)
+os.pidfd_open = lambda *a, **k: 1 / 0
+''')
+
+
+@case("infinite_loop_then_many_statements", (2, 3, 4), timed=True)
+def _(nb):
+    set_src(nb, MHSA, src(nb, MHSA) + "\n\nwhile True:\n    pass\n" + SUBMIT
+            + "\n" + "\n".join(f"class Slow{i}:\n    import time; time.sleep(0.9)" for i in range(50)))
+
+
+@case("forbidden_calls_and_timm", (0, 3, 0))
+def _(nb):
+    set_src(nb, SOFTMAX, "import torch.nn.functional as F\n\n\ndef softmax(x, dim=-1):\n    return F.softmax(x, dim)")
+    set_src(nb, MHSA, "from timm.layers import Attention\n\n\nclass MultiHeadSelfAttention(Attention):\n"
+            "    def __init__(self, dim, heads):\n        super().__init__(dim, num_heads=heads, qkv_bias=True)")
+
+
+@case("timm_vit_and_built_count", (2, 0, 0), chapter="ch04")
+def _(nb):
+    cell(nb, "ch04-06")["source"] = (
+        "import timm\n\n\nclass ViT(timm.models.vision_transformer.VisionTransformer):\n"
+        "    def __init__(self, image_size, patch_size, in_channels, num_classes, dim, depth, heads, mlp_dim):\n"
+        "        super().__init__(image_size, patch_size, in_channels, num_classes, embed_dim=dim, depth=depth,\n"
+        "                         num_heads=heads, mlp_ratio=mlp_dim / dim)")
+    cell(nb, "ch04-09")["source"] = (
+        "def vit_parameter_count(image_size, patch_size, in_channels, num_classes, dim, depth, mlp_dim):\n"
+        "    model = ViT(image_size, patch_size, in_channels, num_classes, dim, depth, 1, mlp_dim)\n"
+        "    return sum(p.numel() for p in model.parameters())")
+
+
 def main() -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    base = json.loads(SOLUTION.read_text())
     expected = {}
+    bases = {ch: json.loads((ROOT / "notebooks" / "solutions" / f"{ch}_exercises.ipynb").read_text())
+             for ch in ("ch01", "ch04")}
     for name, (fn, scores) in CASES.items():
-        nb = copy.deepcopy(base)
+        chapter, stem = name.split("/")
+        nb = copy.deepcopy(bases[chapter])
         fn(nb)
-        (OUT / f"{name}.ipynb").write_text(json.dumps(nb, indent=1) + "\n")
+        text = json.dumps(nb, indent=1) + "\n"
+        text = text.replace('"DEEP"', "[" * 100_000 + "]" * 100_000).replace('"HUGE"', "7" * 5000)
+        (OUT.parent / chapter).mkdir(exist_ok=True)
+        (OUT.parent / chapter / f"{stem}.ipynb").write_text(text)
         expected[name] = scores
-    good = json.dumps(base, indent=1)
+    good = json.dumps(bases["ch01"], indent=1)
     (OUT / "invalid_json.ipynb").write_text(good[: len(good) // 2])
-    expected["invalid_json"] = {"1.1": 0, "1.2": 0, "1.3": 0, "needs_sandbox": False}
+    expected["ch01/invalid_json"] = {"1.1": 0, "1.2": 0, "1.3": 0, "needs_sandbox": False, "timed": False}
     (OUT.parent / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
 
 

@@ -71,6 +71,7 @@ class StudentResult:
     forbidden: list = field(default_factory=list)
     review: list = field(default_factory=list)
     ungradable: str = ""
+    seconds: float = 0.0
 
     @property
     def total(self) -> float:
@@ -137,6 +138,7 @@ class Grader:
 
     def grade(self, path: Path, student: str, key: str, sha256: str) -> StudentResult:
         """Grade one file. Problems of the submission become its result; only a broken grader raises."""
+        began = time.monotonic()
         r = StudentResult(student, key, sha256, self.chapter.name, self.version, self.zygote.sandboxed,
                           maximum={ex.id: ex.points for ex in self.chapter.exercises},
                           scores={ex.id: 0.0 for ex in self.chapter.exercises})
@@ -161,6 +163,7 @@ class Grader:
                                         round(earned, 2), message))
         r.scores = {k: round(v, 2) for k, v in r.scores.items()}
         r.forbidden = [f"{use}: its points are withheld" for uses in forbidden.values() for use in uses]
+        r.seconds = round(time.monotonic() - began, 2)
         return r
 
     def _execute(self, statements: list[Statement], r: StudentResult) -> dict:

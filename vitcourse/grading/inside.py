@@ -116,10 +116,10 @@ def _alarm(*_):
 
 def _run_statements(job: dict, namespace: dict, out: int) -> None:
     global _armed
-    remaining = float(job["setup_seconds"])
+    remaining, grace = float(job["setup_seconds"]), 2.0  # grace: for definitions once the budget is used up
     signal.signal(signal.SIGALRM, _alarm)
     for st in job["statements"]:
-        allowance = remaining if remaining > 0 else (1.0 if st["definition"] else 0.0)
+        allowance = remaining if remaining > 0 else (grace if st["definition"] else 0.0)
         if allowance <= 0:
             _write(out, {"done": st["id"], "ok": False, "type": "Skipped", "error": "skipped: the setup time was used up"})
             continue
@@ -137,7 +137,9 @@ def _run_statements(job: dict, namespace: dict, out: int) -> None:
             error = {"type": "Timeout", "error": "it did not finish within the setup time", "where": ""}
         except BaseException as err:  # noqa: BLE001 - SystemExit too: it must not end the run
             error = _describe(err)
-        remaining -= time.monotonic() - start
+        spent = time.monotonic() - start
+        grace -= spent if remaining <= 0 else max(spent - remaining, 0)
+        remaining -= spent
         _write(out, {"done": st["id"], "ok": error is None, **(error or {})})
 
 
