@@ -1,25 +1,35 @@
-"""Fast tests of the grading pieces that need no sandbox: notebooks, generation, wire, comparisons, check()."""
+"""Fast tests of the grading pieces that need no sandbox: reading submissions, rules, values, comparisons, check()."""
 
 from __future__ import annotations
 
+import base64
+import functools
 import io
 import json
+import os
 import pickle
+import re
+import shutil
+import subprocess
 import sys
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from vitcourse.grading import check, wire
-from vitcourse.grading.batch import _load_result, grader_version, version_sources
+import vitcourse
+from vitcourse.grading import check
+from vitcourse.grading.batch import _stored, csv_cell, display_name, grader_version, student_key
 from vitcourse.grading.generate import make_student, regenerate, strip_solutions
-from vitcourse.grading.grader import CheckResult, Limits, StudentResult, SubmissionGrader, error_text
-from vitcourse.grading.notebook import Cell, Notebook, read_cells, select_statements
+from vitcourse.grading.grader import CheckResult, Limits, StudentResult
+from vitcourse.grading.notebook import Cell, Notebook, clean, read_notebook, rule_findings, select_statements
 from vitcourse.grading.public import CheckFailed, NotDoneYet
-from vitcourse.grading.sandbox import PACKAGE_DIR, _system_binds
-from vitcourse.grading.spec import Case, allclose, chapter_names, exact, load_chapter, seed_for, verdict
+from vitcourse.grading.runtime import decode, encode
+from vitcourse.grading.sandbox import parse_record
+from vitcourse.grading.spec import Case, allclose, chapter_names, exact, hidden_folder, load_chapter, seed_for, verdict
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -52,11 +62,11 @@ def test_make_student_tags_cells_that_use_answers():
     assert "tags" not in imports["metadata"]
 
 
-def test_read_cells_reports_invalid_json(tmp_path):
+def test_read_notebook_reports_invalid_json(tmp_path):
     bad = tmp_path / "x.ipynb"
     bad.write_text('{"cells": [')
-    nb = read_cells(bad)
-    assert nb.cells == [] and "not valid notebook JSON" in nb.problems[0]
+    nb = read_notebook(bad)
+    assert nb.cells == [] and "not notebook JSON" in nb.ungradable
 
 
 def test_select_statements_recovers_from_syntax_errors_and_skips_top_level_work():
@@ -87,20 +97,31 @@ def test_only_the_generated_stub_counts_as_unanswered():
     assert [s.cell for s in statements] == [1, 2]
 
 
-def test_wire_refuses_pickles_and_object_arrays():
-    payload = pickle.dumps(np.array([1, "a"], dtype=object))
-    with pytest.raises(wire.WireError):
-        wire.bytes_to_array(payload)
+def test_values_travel_as_json_without_pickles_and_within_bounds():
+    value = [np.arange(3.0), {"n": 2, "m": np.array(7)}, np.array([[1.0, 2.0]]).T]
+    back = decode(json.loads(json.dumps(encode(value))))
+    np.testing.assert_array_equal(back[0], np.arange(3.0))
+    assert back[1]["n"] == 2 and back[1]["m"].shape == () and back[2].shape == (2, 1)
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(wire.WireError):
-        wire.bytes_to_array(buffer.getvalue())
-    blobs: list[bytes] = []
-    value = wire.encode_value([np.arange(3.0), {"n": 2}], blobs)
-    header, back = wire.unpack(wire.pack({"value": value}, blobs))
-    decoded = wire.decode_value(header["value"], back)
-    np.testing.assert_array_equal(decoded[0], np.arange(3.0))
-    assert decoded[1] == {"n": 2}
+    lying = io.BytesIO()
+    np.save(lying, np.zeros(4))
+    for bad in ({"$npy": base64.b64encode(buffer.getvalue()).decode()},  # a pickle inside
+                {"$npy": base64.b64encode(pickle.dumps([1]))},  # not .npy at all
+                {"$npy": base64.b64encode(lying.getvalue()[:-8]).decode()},  # shorter than its header says
+                functools.reduce(lambda v, _: [v], range(100), 1)):  # nested too deeply
+        with pytest.raises((ValueError, TypeError)):
+            decode(bad)
+
+
+def test_records_are_parsed_with_bounds_and_never_raise():
+    assert parse_record(b'{"done": "c1", "ok": true}') == {"done": "c1", "ok": True}
+    for line in (b"[" * 100_000 + b"]" * 100_000, b'{"v": ' + b"9" * 5000 + b"}", b"\xff\xfe", b"[1]",
+                 b'{"a": "\\ud800"}'):
+        record = parse_record(line)
+        assert record is None or isinstance(record, dict)
+    text = clean("a\ud800b\x00c")
+    assert text.encode("utf-8") and text[0] == "a" and text[-1] == "c" and "\x00" not in text
 
 
 def test_comparisons_say_what_differs_without_values():
@@ -141,13 +162,6 @@ def test_public_check_passes_on_solutions_and_explains_failures(capsys):
         check("1.1", {"softmax": lambda x, dim=-1: torch.softmax(x, dim) + 0.1})
 
 
-def test_wire_keeps_scalars_scalar():
-    for value in (np.float32(2.5), np.array(7), np.array([[1.0, 2.0]]).T):
-        back = wire.bytes_to_array(wire.array_to_bytes(value))
-        assert back.shape == np.asarray(value).shape
-        np.testing.assert_array_equal(back, value)
-
-
 def test_hidden_checks_say_what_differs_without_any_value():
     compare = allclose()
     assert compare(np.full(2, 0.5123), np.zeros(2), hidden=True).startswith("largest absolute error 0.5 ")
@@ -160,16 +174,6 @@ def test_hidden_checks_say_what_differs_without_any_value():
     assert verdict(custom, 11, hidden=True) == "the result differs from the expected one"
 
 
-def test_errors_of_hidden_runs_keep_only_type_and_location():
-    header = {"error": "ValueError: inputs 0.25 0.5 (cell 3, line 2)", "error_type": "ValueError",
-              "where": "cell 3, line 2"}
-    assert error_text(header, False, {3}) == header["error"]
-    assert error_text(header, True, {3}) == "ValueError (cell 3, line 2)"
-    assert error_text(header, True, {4}) == "ValueError"  # not a cell that ran: no location
-    forged = {"error_type": "Leak_0_25", "where": "cell 3, line 2 and 0.25"}
-    assert error_text(forged, True, {3}) == "an exception"
-
-
 def test_salt_changes_only_the_hidden_inputs():
     def draw(**kwargs):
         return seed_for("ch01", "1.1", 0, **kwargs).random(3)
@@ -179,40 +183,107 @@ def test_salt_changes_only_the_hidden_inputs():
     assert not np.array_equal(draw(hidden=True), draw(hidden=True, salt="term 2"))
 
 
-def test_grader_version_covers_reference_code_and_salt():
-    sources = {str(p.relative_to(PACKAGE_DIR)) for p in version_sources("ch01")}
-    assert {"grading/exercises/_common.py", "grading/hidden/ch01.py", "attention.py", "vit.py"} <= sources
-    assert "train.py" not in sources  # code that decides no grade
-    assert grader_version("ch01") != grader_version("ch01", salt="term 2")
+def test_grader_version_covers_the_package_the_hidden_checks_and_the_salt(tmp_path):
+    hidden = tmp_path / "hidden"
+    shutil.copytree(hidden_folder(), hidden)
+    before = grader_version(hidden, "")
+    assert grader_version(hidden, "term 2") != before
+    (hidden / "ch01.py").write_text((hidden / "ch01.py").read_text() + "\n# changed\n")
+    assert grader_version(hidden, "") != before
 
 
 def test_stored_results_are_checked_before_a_rerun_trusts_them(tmp_path):
-    chapter = load_chapter("ch01")
-    submission = tmp_path / "ada.ipynb"
-    good = StudentResult("ada", "ada.ipynb", "0" * 64, "ch01", "v", True,
-                         scores={"1.1": 2.0, "1.2": 0.0, "1.3": 0.0},
-                         maximum={ex.id: ex.points for ex in chapter.exercises},
-                         checks=[CheckResult("1.1", "d", False, 2.0, 2.0)])
+    points = {ex.id: ex.points for ex in load_chapter("ch01").exercises}
+    good = StudentResult("ada", "ada-1", "0" * 64, "ch01", "v", True, scores={"1.1": 2.0, "1.2": 0.0, "1.3": 0.0},
+                         maximum=points, checks=[CheckResult("1.1", "d", False, 2.0, 2.0)])
     path = tmp_path / "ada.json"
     path.write_text(json.dumps(good.to_json()))
-    assert _load_result(path, submission, chapter) == good
-    for change in ({"scores": {"1.1": 2.0, "1.2": 3.0, "1.3": 0.0}},  # more than its checks earned
-                   {"student": "bob"}, {"maximum": {"1.1": 20}}, {"checks": [{"exercise": "1.1"}]},
-                   {"extra": 1}, {"sandbox": "yes"}):
+    assert _stored(path, "ada-1", "0" * 64, "v", True, points) == good
+    assert _stored(path, "ada-1", "1" * 64, "v", True, points) is None  # the notebook changed
+    assert _stored(path, "ada-1", "0" * 64, "v", False, points) is None  # graded with another sandbox setting
+    for change in ({"scores": {"1.1": 20.0, "1.2": 3.0, "1.3": 0.0}}, {"key": "bob-2"}, {"maximum": {"1.1": 20}},
+                   {"checks": [{"exercise": "1.1"}]}, {"extra": 1}, {"scores": "all"}):
         path.write_text(json.dumps(dict(good.to_json(), **change)))
-        assert _load_result(path, submission, chapter) is None, change
+        assert _stored(path, "ada-1", "0" * 64, "v", True, points) is None, change
+    path.write_text("[" * 100_000)
+    assert _stored(path, "ada-1", "0" * 64, "v", True, points) is None
 
 
-def test_sandbox_binds_this_python_not_all_of_opt():
-    binds = _system_binds()
-    sources = {binds[i + 1] for i, flag in enumerate(binds) if flag == "--ro-bind"}
-    assert "/opt" not in sources
-    for prefix in {sys.prefix, sys.base_prefix}:
-        assert prefix in sources or prefix.startswith(("/usr/", "/etc/")), prefix
+def test_unreadable_submissions_are_one_sentence_each(tmp_path):
+    solution = NOTEBOOKS / "solutions" / "ch01_exercises.ipynb"
+    (tmp_path / "link.ipynb").symlink_to(solution)
+    (tmp_path / "zero.ipynb").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "fifo.ipynb")
+    (tmp_path / "folder.ipynb").mkdir()
+    with open(tmp_path / "big.ipynb", "wb") as f:
+        f.truncate(40 * 2**20)
+    (tmp_path / "deep.ipynb").write_text('{"cells": [], "metadata": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    (tmp_path / "list.ipynb").write_text("[1, 2]")
+    (tmp_path / "latin1.ipynb").write_bytes(b'{"cells": "\xe9"}')
+    started = time.monotonic()
+    reasons = {p.name: read_notebook(p).ungradable for p in tmp_path.iterdir()}
+    assert time.monotonic() - started < 5  # the FIFO and /dev/zero do not block
+    assert "symbolic link" in reasons["link.ipynb"] and "symbolic link" in reasons["zero.ipynb"]
+    assert "not a regular file" in reasons["fifo.ipynb"] and "not a regular file" in reasons["folder.ipynb"]
+    assert "MiB" in reasons["big.ipynb"] and "nested too deeply" in reasons["deep.ipynb"]
+    assert all(reason and "\n" not in reason for reason in reasons.values()), reasons
+    huge = json.loads(solution.read_text())
+    huge["metadata"]["n"] = 0
+    text = json.dumps(huge).replace('"n": 0', '"n": ' + "7" * 5000).replace("torch.exp", "torch.exp  # \\ud800")
+    (tmp_path / "huge_int.ipynb").write_text(text)
+    nb = read_notebook(tmp_path / "huge_int.ipynb")
+    assert not nb.ungradable and nb.chapter == "ch01" and "\ufffd" in nb.cells[3].source
+
+
+def test_file_names_map_to_unique_keys_and_safe_csv_cells():
+    names = ["José García.ipynb", "Jos__Garc_a-978edf99.ipynb", "Jos__Garc_a.ipynb", os.fsdecode(b"caf\xe9.ipynb"),
+             "../../etc.ipynb", "a\nb.ipynb"]
+    keys = [student_key(n) for n in names]
+    assert len(set(keys)) == len(keys) and all(re.fullmatch(r"[A-Za-z0-9_.-]+", k) for k in keys)
+    assert student_key(names[0]) == student_key("José García.ipynb")  # stable across reruns
+    assert display_name(os.fsdecode(b"caf\xe9")) == "caf\\xe9" and "\n" not in display_name("a\nb")
+    assert [csv_cell(v) for v in ("=1+1", "+1", "-1", "@SUM(A1)", "ada")] == ["'=1+1", "'+1", "'-1", "'@SUM(A1)", "ada"]
+
+
+def test_forbidden_calls_are_found_through_aliases_methods_and_helpers():
+    chapter = load_chapter("ch01")
+    source = {
+        1: "import torch\nimport torch.nn.functional as F\nfrom torch import softmax as sm",
+        2: "def softmax(x, dim=-1):\n    return helper(x, dim)\n\n\nf = getattr(torch, 'soft' + 'max')",
+        3: "def helper(x, dim):\n    return x.softmax(dim) + sm(x, dim)",
+        4: "def attention(q, k, v, mask=None):\n    w = F.softmax(q @ k.mT, -1)\n    return w @ v, w",  # allowed in 1.2
+        5: "def unused(x):\n    return torch.softmax(x, 0)",  # a test helper nothing uses
+        6: "g = getattr(torch, 'exp')",  # not an answer cell: never run, not flagged
+    }
+    nb = Notebook(cells=[Cell(i, "code", text) for i, text in source.items()])
+    statements, _ = select_statements(nb, {"softmax", "attention", "MultiHeadSelfAttention"})
+    forbidden, review = rule_findings(statements, chapter.exercises)
+    assert set(forbidden) == {"1.1"}
+    assert any("cell 3, line 2 uses x.softmax" in f for f in forbidden["1.1"])
+    assert any("uses torch.softmax" in f and "cell 3" in f for f in forbidden["1.1"])  # `sm` is torch.softmax
+    assert not any("cell 5" in f for f in forbidden["1.1"]) and review == ["cell 2, line 5: getattr"]
+
+
+def test_hidden_checks_are_not_in_the_package():
+    package = Path(vitcourse.__file__).resolve().parent
+    assert not list(package.rglob("hidden")) and hidden_folder() is not None
+    assert not any(re.search(r"^HIDDEN\s*=", p.read_text(), re.M) for p in package.rglob("*.py"))
+
+
+def test_the_built_wheel_holds_no_hidden_check(tmp_path):
+    root = Path(vitcourse.__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, timeout=300, capture_output=True)
+    (wheel,) = tmp_path.glob("vitcourse-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        assert any(n.endswith("grading/exercises/ch01.py") for n in names)
+        assert not any("hidden" in n for n in names)
+        assert not any(re.search(rb"^HIDDEN\s*=", z.read(n), re.M) for n in names if n.endswith(".py"))
 
 
 def test_exercise_time_budget_comes_from_the_chapter_unless_given():
     jax_chapter, torch_chapter = load_chapter("ch07"), load_chapter("ch01")
     assert jax_chapter.exercise_seconds > torch_chapter.exercise_seconds  # JAX checks compile first
-    assert SubmissionGrader(jax_chapter, [], None, "v").exercise_seconds == jax_chapter.exercise_seconds
-    assert SubmissionGrader(jax_chapter, [], None, "v", Limits(exercise_seconds=4)).exercise_seconds == 4
+    assert Limits().cap(torch_chapter) == 20 + 30 + 3 * torch_chapter.exercise_seconds
+    assert Limits(exercise_seconds=4).cap(jax_chapter) == 20 + 30 + 4 * len(jax_chapter.exercises)

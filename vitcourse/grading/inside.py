@@ -31,6 +31,7 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 
@@ -220,7 +221,7 @@ def runner(out: int, control: socket.socket, job: dict) -> None:
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    os.chdir(job["workdir"])
+    os.chdir(job["workdir"] or tempfile.mkdtemp(dir=os.environ.get("HOME")))
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     budgets = {k: float(v) for k, v in job["budgets"].items()}
     _run_statements(job, namespace, out)

@@ -23,10 +23,15 @@ from dataclasses import dataclass, field
 MAX_BYTES = 32 * 2**20
 
 
+def utf8(text: str) -> str:
+    """``text`` with lone surrogates (valid in JSON, not in UTF-8) replaced."""
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def clean(text, limit: int = 400) -> str:
-    """``text`` as printable UTF-8 (lone surrogates and control characters replaced), at most ``limit`` characters."""
-    text = str(text).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
-    text = re.sub(r"[\x00-\x08\x0b-\x1f\x7f]", "\N{REPLACEMENT CHARACTER}", text)
+    """``text`` on one printable line (surrogates and control characters replaced), at most ``limit`` characters."""
+    text = utf8(str(text))
+    text = re.sub(r"[\x00-\x1f\x7f]", "\N{REPLACEMENT CHARACTER}", text)
     return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
@@ -111,7 +116,7 @@ def read_notebook(path) -> Notebook:
         source = "".join(s for s in source if isinstance(s, str)) if isinstance(source, list) else source
         grader = (raw.get("metadata") or {}).get("nbgrader") if isinstance(raw.get("metadata"), dict) else None
         nb.cells.append(Cell(i, clean(raw.get("cell_type", ""), 20),
-                             clean(source, MAX_BYTES) if isinstance(source, str) else "",
+                             utf8(source) if isinstance(source, str) else "",
                              isinstance(grader, dict) and grader.get("solution") is True))
     return nb
 
@@ -259,7 +264,7 @@ def rule_findings(statements: list[Statement], exercises) -> tuple[dict[str, lis
                                      or (f.startswith(".") and name.endswith(f))), None)
                 if hit and isinstance(getattr(node, "ctx", None), ast.Load):
                     forbidden_uses.setdefault(ex.id, []).append(
-                        f"cell {s.cell}, line {node.lineno} uses {hit.lstrip('.')}, which exercise {ex.id} forbids")
+                        f"cell {s.cell}, line {node.lineno} uses {clean(name, 80)}, which exercise {ex.id} forbids")
     for s in statements:
         for node in ast.walk(trees[s.id]):
             name = _dotted(node, {}) if isinstance(node, (ast.Name, ast.Attribute)) else None

@@ -1,7 +1,7 @@
 """The student pack: what instructors hand out (student notebooks, the course package, no answers).
 
-The pack holds the generated student notebooks, the ``vitcourse`` package without
-:mod:`vitcourse.grading.hidden` (the hidden checks), install files, and a README.
+The pack holds the generated student notebooks, the ``vitcourse`` package (which holds
+no hidden check: those live in ``grading/hidden/`` of the repository), install files, and a README.
 It never holds the solution notebooks. The course package itself is the book's
 reference code (students read it in the chapters anyway), and it answers some
 exercises (``vitcourse.attention`` holds chapter 1's softmax and attention); it
@@ -54,9 +54,8 @@ def write_student_pack(out: Path, notebooks_dir: Path) -> list[Path]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest)
         written.append(dest)
-    hidden = package / "grading" / "hidden"
-    for path in sorted(package.rglob("*.py")):
-        if hidden in path.parents or "__pycache__" in path.parts:
+    for path in sorted(package.rglob("*.py")):  # the hidden checks are not in the package
+        if "__pycache__" in path.parts:
             continue
         dest = out / "vitcourse" / path.relative_to(package)
         dest.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,566 @@
+"""Datasets for training: CIFAR-10, your own image folder, and an offline stand-in.
+
+Every loader returns a :class:`DataBundle` of three ``torch.utils.data.Dataset`` objects
+(train / validation / test) that yield ``(image, label)`` with ``image`` a normalised
+``(C, H, W)`` float tensor and ``label`` an ``int``, plus the class names, the channel
+statistics used for normalisation and ``source``, a short string saying which data it is
+(``"cifar10"``, ``"synthetic"`` or ``"folder:<path>"``). Training logs and metrics record it.
+
+* ``load_data("cifar10")`` - CIFAR-10 through torchvision, downloaded into a cache directory
+  (argument ``root``, else ``$VITCOURSE_DATA``, else ``~/.cache/vitcourse/data``). The 50,000
+  training images are split with a seeded permutation into 45,000 train / 5,000 validation.
+  ``VITCOURSE_OFFLINE=1`` forbids the download (tests and offline machines set it); a download
+  gives up after :data:`DOWNLOAD_TIMEOUT` seconds without an answer from the server.
+* ``load_data("path/to/folder")`` - your images in torchvision's ``ImageFolder`` layout
+  (``folder/<class>/<image>``), resized to the model's image size, split the same way.
+* ``load_data("synthetic")`` - :func:`make_synthetic`: ten classes of shapes and textures drawn
+  at random places in random colours. It exists so every notebook runs offline; CIFAR-10 falls
+  back to it only when the caller passes ``allow_synthetic=True``.
+
+Augmentation (``augment=``) is applied to the training split only: ``"basic"`` is a random
+crop with padding and a horizontal flip, ``"strong"`` adds RandAugment. Mixup/CutMix act on
+whole batches and live in :mod:`vitcourse.train`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "SYNTHETIC_CLASSES",
+    "DataBundle",
+    "DataError",
+    "CorruptDataError",
+    "ImageTensorDataset",
+    "data_root",
+    "denormalize",
+    "downloads_allowed",
+    "load_data",
+    "make_synthetic",
+    "split_indices",
+    "train_transform",
+    "AUGMENTATIONS",
+]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+"""Per-channel mean of the CIFAR-10 training images (values in [0, 1])."""
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+"""Per-channel standard deviation of the CIFAR-10 training images."""
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+SYNTHETIC_CLASSES = (
+    "disk", "square", "triangle", "plus", "ring",
+    "h-stripes", "v-stripes", "diag-stripes", "checker", "dots",
+)
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 20_000, 4_000
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CIFAR_URL_HINT = "https://www.cs.toronto.edu/~kriz/cifar.html"
+DOWNLOAD_TIMEOUT = 60.0
+"""Seconds a download waits for the server before it gives up (so the offline fallback cannot hang)."""
+
+
+class DataError(RuntimeError):
+    """A dataset is missing, corrupt or malformed; the message says what to do.
+
+    Raised inside a ``DataLoader`` worker process, the error reaches the main process
+    re-created by PyTorch with the message ``"Caught DataError in DataLoader worker process 0.
+    Original Traceback ... vitcourse.data.DataError: <message>"``; the constructor keeps only
+    ``<message>``, so the command line still prints one sentence instead of a traceback.
+    """
+
+    def __init__(self, message: str = "") -> None:
+        marker = f"{type(self).__name__}: "  # the last line of the worker's traceback
+        if message.startswith(f"Caught {type(self).__name__} in DataLoader worker") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+class CorruptDataError(DataError):
+    """The dataset is there but damaged; never silently replaced by the synthetic stand-in."""
+
+
+@dataclass
+class DataBundle:
+    """Train, validation and test datasets plus what describes them.
+
+    Attributes:
+        train, val, test: datasets yielding ``(image (C, H, W) float, label int)``.
+        classes: class names, index = label.
+        source: which data this is: ``"cifar10"``, ``"synthetic"`` or ``"folder:<path>"``.
+        mean, std: the per-channel statistics the images were normalised with.
+    """
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: tuple[str, ...]
+    source: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.classes)
+
+    def describe(self) -> str:
+        """One line: source and split sizes, e.g. ``synthetic: 15000 train / 5000 val / 4000 test``."""
+        return f"{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test"
+
+
+# --------------------------------------------------------------------------- datasets and transforms
+
+
+class ImageTensorDataset(Dataset):
+    """Images held (or loaded) as ``uint8 (C, H, W)`` tensors, transformed on access.
+
+    Args:
+        get_image: ``i -> uint8 tensor (C, H, W)``.
+        labels: ``(N,)`` integer labels.
+        transform: applied to the uint8 image; must end with a float, normalised tensor.
+
+    Indexing with an ``int`` uses PyTorch's global random state for the augmentation.
+    Indexing with a pair ``(i, seed)`` draws the augmentation from ``seed`` alone, so the
+    image is the same in any process and after any restart: :mod:`vitcourse.train` uses
+    this for exact resume.
+    """
+
+    def __init__(self, get_image: Callable[[int], Tensor], labels: Sequence[int], transform: Callable) -> None:
+        self.get_image = get_image
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        if isinstance(key, tuple):
+            index, seed = key
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)  # CPU generator only, restored afterwards
+                image = self.transform(self.get_image(int(index)))
+        else:
+            index = key
+            image = self.transform(self.get_image(int(index)))
+        return image, int(self.labels[index])
+
+
+class _Subset(Dataset):
+    """``dataset`` restricted to ``indices``; keeps ``(i, seed)`` keys working."""
+
+    def __init__(self, dataset: ImageTensorDataset, indices: Tensor) -> None:
+        self.dataset = dataset
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        if isinstance(key, tuple):
+            return self.dataset[(int(self.indices[key[0]]), key[1])]
+        return self.dataset[int(self.indices[key])]
+
+    @property
+    def labels(self) -> Tensor:
+        """Labels of the subset, ``(len(self),)``."""
+        return self.dataset.labels[self.indices]
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> list:
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+
+
+AUGMENTATIONS = ("none", "basic", "strong", "resized")
+
+
+def train_transform(augment: str, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """The training-time pipeline for uint8 ``(C, S, S)`` images -> normalised float ``(C, S, S)``.
+
+    * ``"none"``: only normalisation.
+    * ``"basic"``: random crop after padding by ``S/8`` pixels, horizontal flip (the classic CIFAR recipe).
+    * ``"strong"``: ``"basic"`` plus RandAugment (2 operations, magnitude 9) and random erasing
+      (p = 0.25), as in the small-data ViT recipes.
+    * ``"resized"``: random resized crop (scale 0.8-1, aspect 0.9-1.1) and a flip: the seed blog's recipe.
+    """
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augment!r}; choose one of {', '.join(AUGMENTATIONS)}.")
+    steps: list = []
+    if augment in ("basic", "strong"):
+        steps += [v2.RandomCrop(image_size, padding=max(image_size // 8, 1)), v2.RandomHorizontalFlip()]
+    if augment == "strong":
+        steps += [v2.RandAugment(num_ops=2, magnitude=9)]
+    if augment == "resized":
+        steps += [v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+                  v2.RandomHorizontalFlip()]
+    steps += _normalize(mean, std)
+    if augment == "strong":
+        steps += [v2.RandomErasing(p=0.25)]
+    return v2.Compose(steps)
+
+
+def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Undo the normalisation for display: ``(..., C, H, W)`` -> same shape, clipped to ``[0, 1]``."""
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images * s + m).clamp(0, 1)
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """A seeded split of ``range(n)`` into ``(train_indices, val_indices)`` with ``val_size`` for validation."""
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size={val_size} must be between 0 and {n - 1} for {n} training images.")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
+def _bundle(train_pool: ImageTensorDataset, test: ImageTensorDataset, eval_pool: ImageTensorDataset, *,
+            classes, source, mean, std, val_size: int, seed: int, subset: int | None) -> DataBundle:
+    """Split ``train_pool`` into train/val (val drawn from ``eval_pool``: same images, no augmentation)."""
+    train_idx, val_idx = split_indices(len(train_pool), val_size, seed)
+    if subset is not None:
+        if subset < 1:
+            raise ValueError(f"subset={subset} must be a positive number of training images.")
+        train_idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 1))]
+        train_idx = train_idx[:subset].sort().values
+    return DataBundle(
+        train=_Subset(train_pool, train_idx), val=_Subset(eval_pool, val_idx), test=test,
+        classes=tuple(classes), source=source, mean=tuple(mean), std=tuple(std),
+    )
+
+
+def _in_memory(images: np.ndarray, labels: Sequence[int], transform: Callable) -> ImageTensorDataset:
+    """Wrap uint8 ``(N, H, W, C)`` images."""
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, C, H, W)
+    return ImageTensorDataset(tensor.__getitem__, labels, transform)
+
+
+# --------------------------------------------------------------------------- the synthetic stand-in
+
+
+def make_synthetic(n: int, *, seed: int, image_size: int = 32, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic, offline 10-class image dataset of shapes and textures.
+
+    Each image is a random dark background colour with one object in a random, brighter colour:
+    a disk, a square, a triangle, a plus, a ring, horizontal / vertical / diagonal stripes, a
+    checkerboard or a grid of dots, at a random position and size, plus pixel noise. Colours
+    are independent of the class, so a model has to look at shape and texture, not mean colour.
+
+    Args:
+        n: number of images.
+        seed: the same seed always gives the same images.
+        image_size: side ``S`` in pixels.
+        num_classes: at most 10; the first ``num_classes`` kinds of object are used.
+
+    Returns:
+        ``(images, labels)``: uint8 ``(n, S, S, 3)`` and int64 ``(n,)`` (balanced classes).
+    """
+    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
+        raise ValueError(f"num_classes must be between 1 and {len(SYNTHETIC_CLASSES)}, got {num_classes}.")
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
+    for start in range(0, n, 2048):
+        stop = min(start + 2048, n)
+        images[start:stop] = _draw(labels[start:stop], rng, image_size)
+    return images, labels
+
+
+def _draw(labels: np.ndarray, rng: np.random.Generator, s: int) -> np.ndarray:
+    """Render one chunk of synthetic images: ``(b,)`` labels -> uint8 ``(b, s, s, 3)``."""
+    b = len(labels)
+    f32 = np.float32
+    yy, xx = np.mgrid[0:s, 0:s].astype(f32)  # (s, s) pixel coordinates
+    radius = rng.uniform(0.22, 0.38, b).astype(f32) * s  # object half-size in pixels
+    cy = rng.uniform(0, 1, b).astype(f32) * (s - 2 * radius) + radius  # the centre keeps it inside
+    cx = rng.uniform(0, 1, b).astype(f32) * (s - 2 * radius) + radius
+    period = rng.uniform(0.18, 0.3, b).astype(f32) * s  # stripe / checker / dot spacing
+    phase = rng.uniform(0, 1, b).astype(f32) * period
+    flip = rng.integers(0, 2, b).astype(f32) * 2 - 1  # direction of the diagonal stripes
+    background = rng.uniform(0.0, 0.45, (b, 1, 1, 3)).astype(f32)  # darker than any object
+    foreground = rng.uniform(0.55, 1.0, (b, 1, 1, 3)).astype(f32)
+    noise = rng.standard_normal((b, s, s, 3), dtype=f32) * 0.05
+
+    mask = np.zeros((b, s, s), dtype=bool)
+    for kind in range(len(SYNTHETIC_CLASSES)):
+        i = np.flatnonzero(labels == kind)
+        if len(i):
+            r, p, ph = radius[i, None, None], period[i, None, None], phase[i, None, None]
+            dy, dx = yy - cy[i, None, None], xx - cx[i, None, None]  # (k, s, s) offsets from the centre
+            mask[i] = _shape_mask(kind, dy, dx, r, p, ph, flip[i, None, None])
+
+    image = np.where(mask[..., None], foreground, background) + noise  # (b, s, s, 3)
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _shape_mask(kind: int, dy, dx, r, p, ph, flip) -> np.ndarray:
+    """Boolean ``(k, s, s)`` mask of object ``kind`` given offsets ``dy, dx`` from its centre and its sizes."""
+    box = (np.abs(dy) <= r) & (np.abs(dx) <= r)  # the object's square extent
+
+    def wave(t):  # stripes along direction t, with period p and phase ph
+        return np.cos(2 * np.pi * (t + ph) / p) > 0
+
+    if kind == 0:  # disk
+        return np.hypot(dy, dx) <= r
+    if kind == 1:  # square
+        return (np.abs(dy) <= 0.8 * r) & (np.abs(dx) <= 0.8 * r)
+    if kind == 2:  # triangle, apex up
+        return (dy <= 0.8 * r) & (dy >= -r + 2 * np.abs(dx))
+    if kind == 3:  # plus
+        return box & ((np.abs(dy) <= 0.3 * r) | (np.abs(dx) <= 0.3 * r))
+    if kind == 4:  # ring
+        dist = np.hypot(dy, dx)
+        return (dist <= r) & (dist >= 0.6 * r)
+    if kind == 5:  # horizontal stripes
+        return box & wave(dy)
+    if kind == 6:  # vertical stripes
+        return box & wave(dx)
+    if kind == 7:  # diagonal stripes, either diagonal
+        return box & wave((dy + flip * dx) / math.sqrt(2))
+    if kind == 8:  # checkerboard
+        return box & (wave(dy) ^ wave(dx))
+    # a grid of dots
+    return box & (np.hypot((dy + ph) % p - p / 2, (dx + ph) % p - p / 2) <= 0.22 * p)
+
+
+SYNTHETIC_VERSION = 2  # bump when make_synthetic changes, so stale caches are not used
+
+
+@functools.lru_cache(maxsize=2)
+def _synthetic_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The fixed synthetic train pool and test set, cached in memory and in :func:`data_root` on disk."""
+    path = data_root() / f"synthetic-v{SYNTHETIC_VERSION}-{image_size}px.npz"
+    try:
+        with np.load(path) as f:
+            return f["images"], f["labels"], f["test_images"], f["test_labels"]
+    except (OSError, KeyError, ValueError):
+        pass  # not cached yet (or unreadable): generate
+    images, labels = make_synthetic(SYNTHETIC_TRAIN, seed=1234, image_size=image_size)
+    test_images, test_labels = make_synthetic(SYNTHETIC_TEST, seed=4321, image_size=image_size)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    except OSError:
+        pass  # a read-only cache only costs the few seconds of generating again
+    return images, labels, test_images, test_labels
+
+
+def _synthetic(image_size: int, augment: str, val_size: int, seed: int, subset: int | None) -> DataBundle:
+    images, labels, test_images, test_labels = _synthetic_arrays(image_size)
+    pixels = images[::10].reshape(-1, 3) / 255.0  # every 10th image is plenty for the statistics
+    mean = tuple(round(float(v), 4) for v in pixels.mean(0))
+    std = tuple(round(float(v), 4) for v in pixels.std(0))
+    plain = v2.Compose(_normalize(mean, std))
+    return _bundle(
+        _in_memory(images, labels, train_transform(augment, image_size, mean, std)),
+        _in_memory(test_images, test_labels, plain), _in_memory(images, labels, plain),
+        classes=SYNTHETIC_CLASSES, source="synthetic", mean=mean, std=std,
+        val_size=min(val_size, SYNTHETIC_TRAIN // 4), seed=seed, subset=subset,
+    )
+
+
+# --------------------------------------------------------------------------- CIFAR-10
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """Where datasets are cached: ``root`` if given, else ``$VITCOURSE_DATA``, else ``~/.cache/vitcourse/data``."""
+    return Path(root or os.environ.get("VITCOURSE_DATA") or "~/.cache/vitcourse/data").expanduser()
+
+
+def downloads_allowed() -> bool:
+    """False when the environment variable ``VITCOURSE_OFFLINE`` is set (to anything but ``0`` or empty)."""
+    return os.environ.get("VITCOURSE_OFFLINE", "") in ("", "0")
+
+
+def _cifar_arrays(root: Path, download: bool) -> tuple[np.ndarray, list, np.ndarray, list]:
+    """CIFAR-10's train and test arrays from ``root``, downloading when absent; :class:`DataError` otherwise."""
+    from torchvision.datasets import CIFAR10
+
+    folder = root / "cifar-10-batches-py"
+    if not folder.exists():
+        if not download or not downloads_allowed():
+            why = "VITCOURSE_OFFLINE is set" if download else "downloads are off"
+            raise DataError(f"CIFAR-10 is not in {folder} and {why}; put the extracted 'cifar-10-batches-py' "
+                            f"folder there (from {CIFAR_URL_HINT}) or allow downloads.")
+        timeout = socket.getdefaulttimeout()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torchvision's urlopen has no timeout of its own
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                CIFAR10(str(root), train=True, download=True)
+        except Exception as err:  # no network, proxy, timeout, disk full ...: all mean "not available"
+            raise DataError(
+                f"CIFAR-10 is not in {folder} and could not be downloaded ({type(err).__name__}); connect to "
+                f"the internet and run again, or put the extracted 'cifar-10-batches-py' folder there "
+                f"(from {CIFAR_URL_HINT})."
+            ) from None
+        finally:
+            socket.setdefaulttimeout(timeout)
+    try:
+        train = CIFAR10(str(root), train=True, download=False)
+        test = CIFAR10(str(root), train=False, download=False)
+    except Exception:
+        raise CorruptDataError(
+            f"CIFAR-10 in {folder} is corrupt or incomplete (a batch file is missing or fails its "
+            f"checksum); delete that folder and run again to download a fresh copy."
+        ) from None
+    return train.data, list(train.targets), test.data, list(test.targets)
+
+
+def _cifar10(root, image_size: int, augment: str, val_size: int, seed: int, subset: int | None,
+             download: bool) -> DataBundle:
+    if image_size != 32:
+        raise ValueError(f"CIFAR-10 images are 32x32; use image_size=32 (got {image_size}).")
+    x_train, y_train, x_test, y_test = _cifar_arrays(data_root(root), download)
+    plain = v2.Compose(_normalize(CIFAR10_MEAN, CIFAR10_STD))
+    return _bundle(
+        _in_memory(x_train, y_train, train_transform(augment, 32, CIFAR10_MEAN, CIFAR10_STD)),
+        _in_memory(x_test, y_test, plain), _in_memory(x_train, y_train, plain),
+        classes=CIFAR10_CLASSES, source="cifar10", mean=CIFAR10_MEAN, std=CIFAR10_STD,
+        val_size=val_size, seed=seed, subset=subset,
+    )
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _scan_folder(path: Path) -> tuple[list[str], list[Path], list[int]]:
+    """Classes and image files of an ``ImageFolder``-style directory, with a :class:`DataError` if it is malformed."""
+    if not path.is_dir():
+        raise DataError(f"image folder {path} does not exist; pass a directory laid out as <folder>/<class>/<image>.")
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"image folder {path} has no class sub-folders; put each class's images in {path}/<class>/.")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(f for f in (path / name).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not found:
+            raise DataError(
+                f"class folder {path / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...); "
+                f"add images to it or remove it."
+            )
+        files += found
+        labels += [label] * len(found)
+    return classes, files, labels
+
+
+class _ImageLoader:
+    """``i -> uint8 (3, S, S)``: decode file ``i`` (with Pillow), resize its short side to ``S``, centre-crop.
+
+    A class rather than a closure so that it pickles: DataLoader workers started with
+    ``spawn`` (the default on macOS and Windows) receive the dataset by pickling.
+    """
+
+    def __init__(self, files: list[Path], image_size: int) -> None:
+        self.files = files
+        self.resize = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)])
+
+    def __call__(self, i: int) -> Tensor:
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as image:
+                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        except Exception:
+            raise DataError(f"cannot read image {self.files[i]}; it is corrupt or not an image: delete it.") from None
+        return self.resize(torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (3, S, S)
+
+
+def _folder(path: Path, image_size: int, augment: str, val_size: int, seed: int, subset: int | None) -> DataBundle:
+    """An image folder: ``path/train`` + ``path/test`` if both exist, else one folder split three ways.
+
+    Without a ``train``/``test`` layout, a seeded 10% of the images becomes the test set, and
+    ``val_size`` images (at most 10% of the rest) the validation set.
+    """
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    plain = v2.Compose(_normalize(mean, std))
+    augmented = train_transform(augment, image_size, mean, std)
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        classes, files, labels = _scan_folder(path / "train")
+        test_classes, test_files, test_labels = _scan_folder(path / "test")
+        if test_classes != classes:
+            raise DataError(f"{path}/train and {path}/test have different class folders; give them the same classes.")
+        test = ImageTensorDataset(_ImageLoader(test_files, image_size), test_labels, plain)
+    else:
+        classes, all_files, all_labels = _scan_folder(path)
+        rest, held_out = split_indices(len(all_files), max(len(all_files) // 10, 1), seed)
+        files = [all_files[i] for i in rest]
+        labels = [all_labels[i] for i in rest]
+        test = ImageTensorDataset(_ImageLoader([all_files[i] for i in held_out], image_size),
+                                  [all_labels[i] for i in held_out], plain)
+    loader = _ImageLoader(files, image_size)
+    return _bundle(
+        ImageTensorDataset(loader, labels, augmented), test, ImageTensorDataset(loader, labels, plain),
+        classes=classes, source=f"folder:{path}", mean=mean, std=std,
+        val_size=min(val_size, max(len(files) // 10, 1)), seed=seed, subset=subset,
+    )
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def load_data(
+    name: str = "cifar10",
+    *,
+    root: str | os.PathLike | None = None,
+    image_size: int = 32,
+    val_size: int = 5000,
+    seed: int = 0,
+    augment: str = "none",
+    allow_synthetic: bool = False,
+    subset: int | None = None,
+    download: bool = True,
+) -> DataBundle:
+    """Load a dataset as a :class:`DataBundle` of train / validation / test datasets.
+
+    Args:
+        name: ``"cifar10"``, ``"synthetic"``, or the path of an image folder (``<folder>/<class>/<image>``).
+        root: CIFAR-10 cache directory (default: ``$VITCOURSE_DATA`` or ``~/.cache/vitcourse/data``).
+        image_size: side of the square images the model takes (CIFAR-10 and synthetic: 32).
+        val_size: images moved from the training set into the validation set (seeded).
+        seed: seed of the train/validation split (and of ``subset``).
+        augment: ``"none"``, ``"basic"`` or ``"strong"``, for the training split only.
+        allow_synthetic: if CIFAR-10 is absent and cannot be downloaded (not if it is corrupt), warn in one sentence and use :func:`make_synthetic` data.
+        subset: keep only this many (seeded, random) training images.
+        download: try to download CIFAR-10 when it is absent (never when ``$VITCOURSE_OFFLINE`` is set).
+
+    Returns:
+        A :class:`DataBundle`; its ``source`` says which data was loaded.
+
+    Raises:
+        DataError: missing, corrupt or malformed data, with what to do about it.
+    """
+    if name == "synthetic":
+        return _synthetic(image_size, augment, val_size, seed, subset)
+    if name == "cifar10":
+        try:
+            return _cifar10(root, image_size, augment, val_size, seed, subset, download)
+        except DataError as err:
+            if not allow_synthetic or isinstance(err, CorruptDataError):
+                raise
+            warnings.warn(f"{str(err).rstrip('.')}; using the offline synthetic stand-in instead.", stacklevel=2)
+            return _synthetic(image_size, augment, val_size, seed, subset)
+    looks_like_path = os.sep in name or name.startswith(".") or Path(name).expanduser().exists()
+    if not looks_like_path:
+        raise DataError(f"unknown dataset {name!r}; use 'cifar10', 'synthetic' or the path of an image folder.")
+    return _folder(Path(name).expanduser(), image_size, augment, val_size, seed, subset)

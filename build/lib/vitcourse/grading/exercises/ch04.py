@@ -1,0 +1,89 @@
+"""Chapter 4 exercises (the Vision Transformer): public spec.
+
+Students write ``embed_tokens`` (CLS token and positions), assemble ``ViT`` with
+timm's parameter names, and count its parameters by formula. The grading sandbox
+exposes the earlier chapters' modules (attention, patches, encoder), not
+:mod:`vitcourse.vit`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vitcourse.vit import VisionTransformer, ViTConfig, count_parameters
+
+from ..runtime import apply, arr, call, new, state_shapes
+from ..spec import Case, Chapter, Check, Exercise, exact
+from ._common import randn, randomised, run, shapes, weights
+
+SIZES = ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_dim")
+
+
+def tokens_case(batch: int, n: int, dim: int):
+    """``embed_tokens(patch_tokens, cls_token, pos_embed)`` for random inputs."""
+
+    def build(rng: np.random.Generator) -> Case:
+        x, cls, pos = randn(rng, batch, n, dim), randn(rng, 1, 1, dim), randn(rng, 1, n + 1, dim)
+        expected = np.concatenate([np.broadcast_to(cls, (batch, 1, dim)), x], axis=1) + pos
+        return Case(call("embed_tokens", arr(x), arr(cls), arr(pos)), expected)
+
+    return build
+
+
+def vit_case(config: ViTConfig, batch: int = 2, what: str = "forward"):
+    """The student's ``ViT(**sizes)`` with the weights of the course's ``VisionTransformer``."""
+    sizes = {k: getattr(config, k) for k in SIZES}
+
+    def build(rng: np.random.Generator) -> Case:
+        torch.manual_seed(0)
+        ref = randomised(VisionTransformer(config), rng, scale=0.2)
+        if what == "shapes":
+            return Case(state_shapes(new("ViT", **sizes)), shapes(ref), exact())
+        images = randn(rng, batch, config.in_channels, config.image_size, config.image_size)
+        return Case(apply(new("ViT", **sizes, state=weights(ref)), arr(images)), run(ref, images))
+
+    return build
+
+
+def count_case(config: ViTConfig):
+    """``vit_parameter_count(...)`` against the parameters of the course's model."""
+    sizes = {k: getattr(config, k) for k in SIZES if k != "heads"}
+
+    def build(rng: np.random.Generator) -> Case:
+        return Case(call("vit_parameter_count", **sizes), count_parameters(VisionTransformer(config)), exact())
+
+    return build
+
+
+SMALL = ViTConfig(image_size=8, patch_size=4, in_channels=3, num_classes=5, dim=16, depth=2, heads=4, mlp_dim=32)
+
+CHAPTER = Chapter(
+    name="ch04",
+    title="The Vision Transformer",
+    sandbox_modules=("attention", "patches", "encoder"),
+    exercises=[
+        Exercise(
+            id="4.1", title="CLS token and positions", points=2, answers=("embed_tokens",),
+            statement="Write embed_tokens(patch_tokens, cls_token, pos_embed): put the (1, 1, D) CLS token in "
+                      "front of each sequence of (B, N, D) patch tokens and add the (1, N + 1, D) positions.",
+            public=[Check("a (2, 4, 8) batch of patch tokens", tokens_case(2, 4, 8))],
+        ),
+        Exercise(
+            id="4.2", title="Assembling the ViT", points=5, answers=("ViT",),
+            statement="Write the nn.Module ViT(image_size, patch_size, in_channels, num_classes, dim, depth, heads, "
+                      "mlp_dim) with timm's names (patch_embed.proj, cls_token, pos_embed, blocks.i..., norm, head) "
+                      "and LayerNorm eps 1e-6; forward maps images to (B, num_classes) logits from the CLS token.",
+            public=[Check("the logits of a small ViT with the grader's weights", vit_case(SMALL)),
+                    Check("the parameter names and shapes of a small ViT", vit_case(SMALL, what="shapes"))],
+            forbidden=("timm", "vitcourse.vit", "torchvision"),
+        ),
+        Exercise(
+            id="4.3", title="Counting parameters", points=2, answers=("vit_parameter_count",),
+            statement="Write vit_parameter_count(image_size, patch_size, in_channels, num_classes, dim, depth, "
+                      "mlp_dim) returning the number of parameters of that ViT, from a formula (build no model).",
+            public=[Check("the count of a small ViT", count_case(SMALL))],
+            forbidden=("timm", "ViT", "torch.nn", ".parameters", ".numel", ".state_dict", "vitcourse"),
+        ),
+    ],
+)

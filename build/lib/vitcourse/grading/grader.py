@@ -1,0 +1,256 @@
+"""Grading one submission: run it in its own sealed sandbox run, then judge every check here, outside.
+
+The grader sends the selected statements and the public checks' tasks; it sends the
+hidden checks' tasks only once the runner says the public ones are done, so no
+message a public check produced can hold a hidden input. Every record the run writes is
+plain JSON read with bounds (:func:`.sandbox.parse_record`); a record that is malformed
+or out of place is ignored; values are compared here with the course's reference code.
+
+Budgets: the setup statements share ``setup_seconds`` in each run; all checks of an
+exercise, public and hidden, share its ``exercise_seconds``; a submission's runs together
+get at most ``start + setup + the exercise budgets`` seconds of the grader's clock. When a
+statement or a check ends its run (``os._exit``, a segfault, a stopped alarm), it is
+blamed, and the rest runs again in a fresh run, within the same cap.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .notebook import Statement, clean, read_notebook, rule_findings, select_statements
+from .runtime import decode, encode
+from .spec import Case, Chapter, load_hidden, seed_for, verdict
+
+HIDDEN_FAILED = "failed (a hidden check: it shows no details)"
+
+
+@dataclass
+class Limits:
+    """Budgets of one submission, in seconds, and its memory in bytes."""
+
+    exercise_seconds: float | None = None  # all checks of one exercise; None: the chapter's own
+    setup_seconds: float = 30.0  # the notebook statements of one run
+    start_seconds: float = 20.0  # starting a run
+    memory: int = 2 * 2**30
+
+    def cap(self, chapter: Chapter) -> float:
+        """The most a submission may take, all its runs together."""
+        per_exercise = self.exercise_seconds or chapter.exercise_seconds
+        return self.start_seconds + self.setup_seconds + per_exercise * len(chapter.exercises)
+
+
+@dataclass
+class CheckResult:
+    """One check's outcome for one student."""
+
+    exercise: str
+    description: str
+    hidden: bool
+    points: float
+    earned: float
+    message: str = ""
+
+
+@dataclass
+class StudentResult:
+    """Everything the CSV and the feedback page show about one student."""
+
+    student: str
+    key: str
+    sha256: str
+    chapter: str
+    version: str
+    sandbox: bool
+    scores: dict = field(default_factory=dict)
+    maximum: dict = field(default_factory=dict)
+    checks: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+    forbidden: list = field(default_factory=list)
+    review: list = field(default_factory=list)
+    ungradable: str = ""
+    seconds: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return round(sum(self.scores.values()), 2)
+
+    @property
+    def max_total(self) -> float:
+        return round(sum(self.maximum.values()), 2)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StudentResult":
+        return cls(**dict(data, checks=[CheckResult(**c) for c in data["checks"]]))
+
+
+@dataclass
+class Unit:
+    """One check made concrete: its task (encoded), the expected value, and its points."""
+
+    id: str
+    exercise: str
+    description: str
+    hidden: bool
+    points: float
+    case: Case
+
+    def job(self) -> dict:
+        return {"id": self.id, "exercise": self.exercise, "task": encode(self.case.task)}
+
+
+def build_units(chapter: Chapter, hidden_folder: Path | None, salt: str = "") -> list[Unit]:
+    """Every check of the chapter (public, then hidden, per exercise) with its expected value."""
+    hidden = load_hidden(chapter.name, hidden_folder) if hidden_folder else {}
+    units: list[Unit] = []
+    for ex in chapter.exercises:
+        checks = [(c, False, i) for i, c in enumerate(ex.public)] + [(c, True, i) for i, c in enumerate(hidden.get(ex.id, []))]
+        weight = sum(c.weight for c, _, _ in checks) or 1.0
+        for chk, is_hidden, i in checks:
+            case = chk.build(seed_for(chapter.name, ex.id, i, is_hidden, salt))
+            units.append(Unit(f"c{len(units)}", ex.id, chk.description, is_hidden, ex.points * chk.weight / weight, case))
+    return units
+
+
+def _signal(number) -> str:
+    try:
+        name = signal.Signals(int(number)).name
+    except (ValueError, TypeError):
+        return "a signal"
+    meaning = {"SIGSEGV": "segmentation fault", "SIGKILL": "killed, usually for using too much memory",
+               "SIGXCPU": "CPU time limit exceeded", "SIGXFSZ": "file size limit exceeded", "SIGABRT": "aborted"}
+    return f"{name}: {meaning[name]}" if name in meaning else name
+
+
+class Grader:
+    """Grades submissions of one chapter, one at a time, through one zygote (:class:`.sandbox.Zygote`)."""
+
+    def __init__(self, chapter: Chapter, units: list[Unit], version: str, zygote, limits: Limits | None = None):
+        self.chapter, self.units, self.version, self.zygote = chapter, units, version, zygote
+        self.limits = limits or Limits()
+        self.seconds = self.limits.exercise_seconds or chapter.exercise_seconds
+        self.answers = {n for ex in chapter.exercises for n in ex.answers}
+
+    def grade(self, path: Path, student: str, key: str, sha256: str) -> StudentResult:
+        """Grade one file. Problems of the submission become its result; only a broken grader raises."""
+        began = time.monotonic()
+        r = StudentResult(student, key, sha256, self.chapter.name, self.version, self.zygote.sandboxed,
+                          maximum={ex.id: ex.points for ex in self.chapter.exercises},
+                          scores={ex.id: 0.0 for ex in self.chapter.exercises})
+        nb = read_notebook(path)
+        if nb.ungradable:
+            r.ungradable = nb.ungradable
+        statements, r.problems = select_statements(nb, self.answers)
+        forbidden, r.review = rule_findings(statements, self.chapter.exercises)
+        outcomes = self._execute(statements, r) if nb.cells else {}
+        for unit in self.units:
+            ok, value, tainted = outcomes.get(unit.id, (False, "not run: the notebook could not be read", False))
+            if ok:
+                try:
+                    value = verdict(unit.case, decode(value), unit.hidden or tainted)
+                except Exception as err:  # noqa: BLE001 - an odd value costs only this check
+                    value = f"the result could not be compared ({type(err).__name__})"
+                ok = value is None
+            message = "" if ok else (HIDDEN_FAILED if unit.hidden or tainted else clean(value))
+            earned = unit.points if ok and unit.exercise not in forbidden else 0.0
+            r.scores[unit.exercise] += earned
+            r.checks.append(CheckResult(unit.exercise, unit.description, unit.hidden, round(unit.points, 2),
+                                        round(earned, 2), message))
+        r.scores = {k: round(v, 2) for k, v in r.scores.items()}
+        r.forbidden = [f"{use}: its points are withheld" for uses in forbidden.values() for use in uses]
+        r.seconds = round(time.monotonic() - began, 2)
+        return r
+
+    def _execute(self, statements: list[Statement], r: StudentResult) -> dict:
+        """Run until every check has an outcome ``(ok, value or reason)``; see the module docstring."""
+        by_id = {s.id: s for s in statements}
+        units = {u.id: u for u in self.units}
+        budgets = {ex.id: self.seconds for ex in self.chapter.exercises}
+        outcomes: dict[str, tuple[bool, object]] = {}
+        skipped: set[str] = set()
+        cap = time.monotonic() + self.limits.cap(self.chapter)
+        for attempt in range(len(statements) + len(units) + 1):
+            pending = [u for u in self.units if u.id not in outcomes]
+            left = cap - time.monotonic()
+            if not pending or left < 1:
+                break
+            job = {"statements": [s.job() for s in statements if s.id not in skipped],
+                   "setup_seconds": min(self.limits.setup_seconds, left), "budgets": budgets,
+                   "public": [u.job() for u in pending if not u.hidden], "memory": self.limits.memory,
+                   "workdir": "/tmp" if self.zygote.sandboxed else None, "processes": 512}
+            run_seconds = self.limits.start_seconds + self.limits.setup_seconds + sum(max(b, 0) for b in budgets.values())
+            started = time.monotonic()
+            records, ended = self.zygote.run(job, [u.job() for u in pending if u.hidden],
+                                             started + min(left, run_seconds))
+            current, began, done = None, {}, {}
+            for record, t, after in records:
+                if isinstance(record.get("fatal"), str):
+                    raise RuntimeError(clean(record["fatal"]))
+                uid = next((record[k] for k in ("begin", "done", "end") if isinstance(record.get(k), str)), None)
+                if uid in by_id and "begin" in record:
+                    current = uid
+                elif uid in by_id and "done" in record and uid == current:
+                    current = None
+                    if not record.get("ok") and attempt == 0:
+                        r.problems.append(self._statement_problem(by_id[uid], record))
+                elif uid in units and uid not in outcomes and "begin" in record:
+                    current, began[uid] = uid, t
+                elif uid in units and uid == current and "done" in record:
+                    done.setdefault(uid, (record, after))
+                elif uid in units and uid not in outcomes and "end" in record:
+                    if uid == current:
+                        budgets[units[uid].exercise] -= t - began[uid]
+                        current = None
+                    outcomes[uid] = (*self._outcome(units[uid], record, *done.get(uid, (None, after))), after)
+            if current in by_id:
+                skipped.add(current)
+                why = {"deadline": "did not finish within the setup time", "output": "wrote more output than "
+                       "the grader accepts"}.get(ended, "ended the process")
+                r.problems.append(f"{self._where(by_id[current])} {why}; it was skipped")
+            elif current in units:
+                budgets[units[current].exercise] -= time.monotonic() - started - began[current]
+                reason = {"deadline": f"it did not finish within the time limit of exercise "
+                          f"{units[current].exercise} ({self.seconds:g} s)",
+                          "output": "it wrote more output than the grader accepts"}.get(ended, "the process running it stopped")
+                outcomes[current] = (False, reason, bool(records) and records[-1][2])
+            else:
+                break  # the run ended between units: running it again would end the same way
+        for u in self.units:
+            outcomes.setdefault(u.id, (False, "not run: the submission used up its time (all its runs together)"
+                                       if time.monotonic() >= cap - 1 else "not run: the runner stopped before it", False))
+        return outcomes
+
+    def _outcome(self, unit: Unit, end: dict, done: dict | None, after: bool) -> tuple[bool, object]:
+        status = end.get("status")
+        if done is not None and done.get("ok"):
+            return True, done.get("value")
+        if done is not None:
+            kind = done.get("type")
+            if kind == "NotImplementedError":
+                return False, "not answered yet (the code still raises NotImplementedError)"
+            detail = "" if after else f": {clean(done.get('error'), 300)}"
+            return False, ("your code returned a value the grader cannot compare" if kind == "Unsupported"
+                           else "your code raised an exception") + detail
+        if status == "budget":
+            return False, f"not run: the time limit of exercise {unit.exercise} ({self.seconds:g} s) was used up"
+        if status == "timeout":
+            return False, f"it did not finish within the time limit of exercise {unit.exercise} ({self.seconds:g} s)"
+        if status == "signal":
+            return False, f"the process running it crashed ({_signal(end.get('signal'))})"
+        return False, "the code ended the process (sys.exit, os._exit or similar)"
+
+    @staticmethod
+    def _where(stmt: Statement) -> str:
+        return f"cell {stmt.cell}, line {stmt.line} (`{clean(stmt.src.strip().split(chr(10))[0], 60)}`)"
+
+    def _statement_problem(self, stmt: Statement, record: dict) -> str:
+        if record.get("type") == "Skipped":
+            return f"{self._where(stmt)} was skipped: the setup time ({self.limits.setup_seconds:g} s) was used up"
+        if record.get("type") == "Timeout":
+            return f"{self._where(stmt)} did not finish within the setup time and was stopped"
+        return f"{self._where(stmt)} failed: {clean(record.get('error'), 300)}"

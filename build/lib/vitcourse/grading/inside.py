@@ -1,0 +1,309 @@
+"""What runs inside the sandbox: a warm zygote, and per submission one sealed runner.
+
+The grader starts one zygote per worker (``python -m vitcourse.grading.inside``), inside
+bubblewrap when it can. The zygote drops to the worker's unprivileged uid when started as
+root, imports torch (and JAX) once, and then, for every submission, forks a process that
+
+1. enters new user, mount, IPC, network, UTS and PID namespaces and mounts an empty
+   ``/tmp`` of its own, so nothing of one submission is visible to the next;
+2. forks the *runner*, PID 1 of the new PID namespace, which enters one more user
+   namespace (so it holds no capability over anything it can reach), applies resource
+   limits, and runs the notebook statements the grader selected, each setup statement
+   within what is left of the setup budget;
+3. forks one child per check; the child evaluates the check's task and writes the plain
+   result as one JSON line; the runner kills it when the exercise's time is used up.
+
+Everything is written to a pipe the grader made for this submission alone, one JSON
+record per line. The hidden checks arrive only after the runner has written
+``{"phase": "public-done"}``. Nothing here compares or scores: the grader does, outside.
+Imported inside the sandbox: standard library, NumPy and what is preloaded.
+"""
+
+from __future__ import annotations
+
+import builtins
+import ctypes
+import json
+import math
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+from . import runtime
+
+NEW = {"user": 0x10000000, "mount": 0x20000, "ipc": 0x8000000, "net": 0x40000000, "uts": 0x4000000,
+       "pid": 0x20000000}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _sys(result: int, what: str) -> None:
+    if result != 0:
+        raise OSError(ctypes.get_errno(), f"{what} failed")
+
+
+def _enter_user_namespace(extra: int = 0) -> None:
+    """``unshare`` a new user namespace (plus ``extra``), mapping only our own uid and gid."""
+    uid, gid = os.getuid(), os.getgid()
+    _sys(_libc.unshare(NEW["user"] | extra), "unshare")
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+
+
+def isolate() -> None:
+    """Steps 1-2 of the module docstring for the calling (single-threaded, forked) process."""
+    _libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: needed to write our own uid_map
+    _enter_user_namespace(NEW["mount"] | NEW["ipc"] | NEW["net"] | NEW["uts"] | NEW["pid"])
+    _sys(_libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "making mounts private")  # MS_REC|MS_PRIVATE
+    _sys(_libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 2 | 4, b"size=256m,mode=1777"), "mounting /tmp")
+
+
+def _write(fd: int, record: dict) -> None:
+    data = ("\n" + json.dumps(record) + "\n").encode()  # the leading newline ends any half line
+    while data:
+        data = data[os.write(fd, data):]
+
+
+def _describe(err: BaseException) -> dict:
+    where = ""
+    for frame in traceback.extract_tb(err.__traceback__):
+        if frame.filename.startswith("<cell"):
+            where = f"{frame.filename[1:-1]}, line {frame.lineno}"
+    text = str(err)[:300] if not isinstance(err, RecursionError) else "maximum recursion depth exceeded"
+    return {"type": type(err).__name__, "where": where,
+            "error": f"{type(err).__name__}: {text}" + (f" ({where})" if where else "")}
+
+
+def _limit(kind: int, value: int) -> None:
+    try:
+        resource.setrlimit(kind, (value, value))
+    except (ValueError, OSError):
+        pass
+
+
+def _no_new_processes() -> None:
+    """A libseccomp filter: new processes (fork, or clone without CLONE_THREAD) and ptrace fail."""
+    try:
+        import errno
+
+        import pyseccomp as sc
+    except (ImportError, OSError, AttributeError):  # no libseccomp here: the process limit still applies
+        return
+    f = sc.SyscallFilter(sc.ALLOW)
+    for name in ("fork", "vfork", "ptrace"):
+        f.add_rule(sc.ERRNO(errno.EPERM), name)
+    f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, 0x10000, 0))  # not CLONE_THREAD
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # the C library falls back to clone, checked above
+    f.load()
+
+
+class _Timeout(BaseException):
+    pass
+
+
+_armed = False
+
+
+def _alarm(*_):
+    if _armed:
+        raise _Timeout()
+
+
+def _run_statements(job: dict, namespace: dict, out: int) -> None:
+    global _armed
+    remaining, grace = float(job["setup_seconds"]), 2.0  # grace: for definitions once the budget is used up
+    signal.signal(signal.SIGALRM, _alarm)
+    for st in job["statements"]:
+        allowance = remaining if remaining > 0 else (grace if st["definition"] else 0.0)
+        if allowance <= 0:
+            _write(out, {"done": st["id"], "ok": False, "type": "Skipped", "error": "skipped: the setup time was used up"})
+            continue
+        _write(out, {"begin": st["id"]})
+        start, error = time.monotonic(), None
+        try:
+            try:
+                _armed = True
+                signal.setitimer(signal.ITIMER_REAL, allowance, 0.05)  # fires again until cleared
+                exec(compile("\n" * (st["line"] - 1) + st["src"], f"<cell {st['cell']}>", "exec"), namespace)
+            finally:
+                _armed = False  # first: from here on the alarm raises nothing
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except _Timeout:
+            error = {"type": "Timeout", "error": "it did not finish within the setup time", "where": ""}
+        except BaseException as err:  # noqa: BLE001 - SystemExit too: it must not end the run
+            error = _describe(err)
+        spent = time.monotonic() - start
+        grace -= spent if remaining <= 0 else max(spent - remaining, 0)
+        remaining -= spent
+        _write(out, {"done": st["id"], "ok": error is None, **(error or {})})
+
+
+def _check_child(check: dict, namespace: dict, out: int, seconds: float, memory: int) -> None:
+    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    _limit(resource.RLIMIT_CPU, math.ceil(seconds) + 1)
+    _no_new_processes()
+    runtime.seed_all(0)
+    try:
+        record = {"done": check["id"], "ok": True, "value": runtime.encode(
+            runtime.to_plain(runtime.evaluate(runtime.decode(check["task"]), namespace)))}
+    except runtime.Unsupported as err:
+        record = {"done": check["id"], "ok": False, "type": "Unsupported", "error": f"returned {err}", "where": ""}
+    except BaseException as err:  # noqa: BLE001
+        record = {"done": check["id"], "ok": False, **_describe(err)}
+    _write(out, record)
+
+
+def _wait(pid: int, seconds: float) -> int | None:
+    """The wait status of ``pid``, or None after ``seconds`` (it is then killed)."""
+    try:
+        fd = os.pidfd_open(pid)
+        ready = select.select([fd], [], [], max(seconds, 0))[0]
+        os.close(fd)
+    except (AttributeError, OSError):  # no pidfd: poll
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG)[0] == 0:
+            time.sleep(0.005)
+        ready = True
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
+    status = os.waitpid(pid, 0)[1]
+    return status if ready else None
+
+
+def _run_checks(checks: list, budgets: dict, namespace: dict, out: int, memory: int) -> None:
+    for check in checks:
+        group = check["exercise"]
+        if budgets[group] <= 0:
+            _write(out, {"end": check["id"], "status": "budget"})
+            continue
+        _write(out, {"begin": check["id"]})
+        start = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _check_child(check, namespace, out, budgets[group], memory)
+            finally:
+                os._exit(0)
+        status = _wait(pid, budgets[group])
+        budgets[group] -= time.monotonic() - start
+        if status is None:
+            end = {"status": "timeout"}
+        elif os.WIFSIGNALED(status):
+            end = {"status": "signal", "signal": os.WTERMSIG(status)}
+        else:
+            end = {"status": "exit", "code": os.WEXITSTATUS(status)}
+        _write(out, {"end": check["id"], **end})
+
+
+def runner(out: int, control: socket.socket, job: dict) -> None:
+    """Run one submission's statements and checks (steps 2-3 of the module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # PID 1 ignores what it does not handle: nothing can end it
+    memory = int(job["memory"])
+    with open("/proc/self/status") as f:
+        mapped = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize")), 0)
+    _limit(resource.RLIMIT_AS, mapped + memory)
+    _limit(resource.RLIMIT_FSIZE, 64 * 2**20)
+    _limit(resource.RLIMIT_CORE, 0)
+    _limit(resource.RLIMIT_NOFILE, 256)
+    if job.get("processes"):
+        _limit(resource.RLIMIT_NPROC, int(job["processes"]))
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # if memory runs out, the kernel ends student code first
+    except OSError:
+        pass
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.chdir(job["workdir"] or tempfile.mkdtemp(dir=os.environ.get("HOME")))
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    budgets = {k: float(v) for k, v in job["budgets"].items()}
+    _run_statements(job, namespace, out)
+    _run_checks(job["public"], budgets, namespace, out, memory)
+    _write(out, {"phase": "public-done"})
+    _, fds, _, _ = socket.recv_fds(control, 16, 1)
+    if fds:
+        with os.fdopen(fds[0]) as f:
+            _run_checks(json.load(f), budgets, namespace, out, memory)
+
+
+def _submission(fds: list[int], sandboxed: bool) -> None:
+    """The forked process of one submission: isolate, then start the runner as PID 1."""
+    out, control, job_fd = fds
+    os.setsid()
+    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the zygote
+    job = json.load(os.fdopen(job_fd))
+    if sandboxed:
+        try:
+            isolate()
+        except OSError as err:
+            _write(out, {"fatal": f"the sandbox could not isolate the submission ({err})"})
+            return
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+            if sandboxed:
+                _enter_user_namespace()
+            runner(out, socket.socket(fileno=control), job)
+        finally:
+            os._exit(0)
+    os.close(out)
+    os.waitpid(pid, 0)
+
+
+def zygote(control_fd: int, preload: str, uid: int | None) -> None:
+    """Serve submissions on the control socket: ``run`` (with three fds) and ``end``."""
+    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    for name in filter(None, preload.split(",")):
+        __import__(name)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
+    import numpy.random  # noqa: F401 - every check seeds it
+
+    try:
+        import pyseccomp  # noqa: F401 - finds libseccomp once, here
+    except (ImportError, OSError, AttributeError):
+        pass
+    control = socket.socket(fileno=control_fd)
+    sandboxed = os.environ.get("VITCOURSE_SANDBOX") == "1"
+    control.sendall(b"ready")
+    current = None
+    while True:
+        message, fds, _, _ = socket.recv_fds(control, 16, 3)
+        if message == b"run" and len(fds) == 3:
+            current = os.fork()
+            if current == 0:
+                try:
+                    control.close()
+                    _submission(fds, sandboxed)
+                finally:
+                    os._exit(0)
+            for fd in fds:
+                os.close(fd)
+        elif message == b"end":
+            if current:
+                try:
+                    os.killpg(current, signal.SIGKILL)
+                except OSError:
+                    pass
+                os.waitpid(current, 0)
+                current = None
+            control.sendall(b"ok")
+        else:
+            return
+
+
+if __name__ == "__main__":
+    zygote(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)

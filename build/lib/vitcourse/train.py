@@ -1,0 +1,784 @@
+"""Training, readable in one sitting: config -> data -> model -> optimizer -> loop -> checkpoints.
+
+Run it from the command line::
+
+    python -m vitcourse.train --config quick --out runs/quick          # a few minutes on a CPU
+    python -m vitcourse.train --config cifar10 --out runs/cifar10      # the full recipe, for a GPU
+    torchrun --nproc_per_node 4 -m vitcourse.train --config cifar10    # several GPUs (or CPU processes)
+
+or from Python with :func:`train`. A run writes into its output directory:
+
+* ``metrics.jsonl`` - one JSON object per epoch (losses, accuracy, the learning rate of the epoch's
+  last step, images/s, data source), always the rows of ``last.pt``;
+* ``last.pt`` - everything needed to resume exactly (model, optimizer, scheduler, RNG, data position);
+* ``best.pt`` - the weights with the best validation accuracy so far;
+* ``train.log`` - the same lines the command line prints.
+
+Exact resume: the training data order and every image's augmentation are functions of
+``(seed, epoch, index)`` alone, the global random state (dropout, mixup) is saved in the
+checkpoint, and checkpoints are written to a temporary file and renamed, so a run killed
+at any moment (even with SIGKILL) and resumed ends bit-identical to one never interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .data import AUGMENTATIONS, DataBundle, DataError, load_data
+from .utils import runs_dir
+from .vit import ViTConfig, VisionTransformer
+
+__all__ = [
+    "TrainConfig",
+    "CONFIGS",
+    "TIMING_FIELDS",
+    "ConfigMismatch",
+    "train",
+    "build_model",
+    "build_data",
+    "learning_rates",
+    "evaluate_model",
+    "load_checkpoint",
+    "read_metrics",
+    "fingerprint",
+    "main",
+]
+
+TIMING_FIELDS = ("images_per_sec", "epoch_time")
+"""Metrics that measure wall-clock time; they are the only ones that differ between identical runs."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every choice of a training run. Named presets are in :data:`CONFIGS`.
+
+    Model: ``model`` is ``"vit"`` (built from ``vit``), ``"cnn"`` (:class:`vitcourse.cnn.SmallCNN`
+    of width ``cnn_width``) or a name from ``vitcourse.ultimus.VARIANTS``. The number of
+    classes always comes from the data.
+
+    Data: ``data`` is ``"cifar10"``, ``"synthetic"`` or an image-folder path (see
+    :func:`vitcourse.data.load_data`); ``allow_synthetic`` lets CIFAR-10 fall back to the
+    offline stand-in; ``subset`` keeps that many training images; ``augment`` is one of
+    :data:`vitcourse.data.AUGMENTATIONS`; ``mixup`` / ``cutmix`` are Beta(alpha) strengths
+    (0 switches them off; with both on, each batch uses one of the two).
+
+    Optimisation: ``optimizer`` ``"adamw"`` or ``"adam"``; ``schedule`` ``"cosine"`` (linear
+    warmup for ``warmup_epochs`` then cosine decay to 0), ``"onecycle"`` (``torch``'s OneCycleLR
+    from ``max_lr / 10`` up to ``max_lr`` after ``pct_start`` of training), ``"multistep"`` (multiply by
+    ``gamma`` at each fraction of training in ``milestones``) or ``"constant"``. Weight decay
+    skips biases, norms, the CLS token and positions. ``grad_clip`` caps the global gradient
+    norm (``None``: no clipping). ``amp`` uses mixed precision on CUDA only.
+
+    Length: ``epochs`` sets the schedule; ``max_steps`` (optional) stops after that many
+    optimizer steps in total without changing the schedule, so a run can be continued later
+    with a larger ``max_steps``.
+    """
+
+    name: str = "custom"
+    model: str = "vit"
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    cnn_width: int = 32
+    image_size: int = 32
+    data: str = "cifar10"
+    data_root: str | None = None
+    allow_synthetic: bool = False
+    subset: int | None = None
+    val_size: int = 5000
+    augment: str = "basic"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    max_lr: float = 0.01
+    pct_start: float = 0.3
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    gamma: float = 0.1
+    epochs: int = 10
+    batch_size: int = 128
+    max_steps: int | None = None
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    amp: bool = True
+    num_workers: int = 0
+    eval_batch_size: int = 500
+    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.model in ("vit", "cnn") or self.model.startswith("ultimus"),
+             f"model must be 'vit', 'cnn' or an Ultimus variant, got {self.model!r}"),
+            (self.model != "vit" or self.vit.image_size == self.image_size,
+             f"vit.image_size={self.vit.image_size} differs from image_size={self.image_size}; make them equal"),
+            (self.augment in AUGMENTATIONS, f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}"),
+            (self.optimizer in ("adamw", "adam"), f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}"),
+            (self.schedule in ("cosine", "onecycle", "multistep", "constant"),
+             f"schedule must be 'cosine', 'onecycle', 'multistep' or 'constant', got {self.schedule!r}"),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be at least 1, got {self.max_steps}"),
+            (0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message + ".")
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-ready dict (the ViT config nested as a dict, tuples as lists)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        """Inverse of :meth:`to_dict`."""
+        values = dict(values)
+        values["vit"] = ViTConfig(**values["vit"])
+        for name in ("betas", "milestones"):
+            values[name] = tuple(values[name])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+QUICK_VIT = ViTConfig(image_size=32, patch_size=4, dim=96, depth=4, heads=4, mlp_dim=192)
+# The course's recipe at full size: a 9-layer, 192-wide, patch-4 ViT (2.7M parameters) trained
+# as in the small-data ViT literature (Lee et al. 2021; Hassani et al. 2021; Touvron et al. 2021).
+CIFAR10_VIT = ViTConfig(image_size=32, patch_size=4, dim=192, depth=9, heads=12, mlp_dim=384, drop_path=0.1)
+
+CONFIGS: dict[str, TrainConfig] = {
+    # Minutes on 2 CPU cores: a small ViT on a subset; falls back to synthetic data offline.
+    "quick": TrainConfig(
+        name="quick", vit=QUICK_VIT, data="cifar10", allow_synthetic=True, subset=5000, val_size=2000,
+        augment="basic", label_smoothing=0.1, lr=2e-3, weight_decay=0.05, warmup_epochs=0.5, epochs=6,
+        batch_size=64,
+    ),
+    # The full recipe for one GPU: target >= 90% CIFAR-10 test accuracy in 200 epochs.
+    "cifar10": TrainConfig(
+        name="cifar10", vit=CIFAR10_VIT, data="cifar10", augment="strong", mixup=0.8, cutmix=1.0,
+        label_smoothing=0.1, lr=1e-3, weight_decay=0.05, warmup_epochs=10, epochs=200, batch_size=128,
+        num_workers=4,
+    ),
+    # The seed blog's recipe: Adam 3e-4, x0.1 at epochs 80 and 130 of 150, random resized crops.
+    "seed-blog": TrainConfig(
+        name="seed-blog", vit=ViTConfig(dim=256, depth=6, heads=8, mlp_dim=512, dropout=0.2), data="cifar10",
+        augment="resized", optimizer="adam", lr=3e-4, weight_decay=0.0, schedule="multistep",
+        milestones=(80 / 150, 130 / 150), epochs=150, batch_size=64, grad_clip=None, num_workers=4,
+    ),
+    # Chapter 6's assignment: the Ultimus network, Adam with a one-cycle schedule, 24 epochs.
+    "ultimus": TrainConfig(
+        name="ultimus", model="ultimus", data="cifar10", augment="basic", optimizer="adam", weight_decay=0.0,
+        schedule="onecycle", max_lr=0.01, epochs=24, batch_size=512, grad_clip=None, num_workers=4,
+    ),
+}
+"""Named configurations for ``python -m vitcourse.train --config NAME``."""
+
+# Fields that can change between a run and its resumption without changing its results.
+_RESUMABLE_FIELDS = ("max_steps", "num_workers", "checkpoint_every", "data_root", "eval_batch_size")
+
+
+class ConfigMismatch(ValueError):
+    """A checkpoint was written by a run with a different configuration."""
+
+
+# --------------------------------------------------------------------------- data, model, optimizer
+
+
+def build_data(cfg: TrainConfig) -> DataBundle:
+    """The :class:`~vitcourse.data.DataBundle` a config asks for."""
+    return load_data(
+        cfg.data, root=cfg.data_root, image_size=cfg.image_size, val_size=cfg.val_size, seed=cfg.seed,
+        augment=cfg.augment, allow_synthetic=cfg.allow_synthetic, subset=cfg.subset,
+    )
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The network named by ``cfg.model``, with ``num_classes`` outputs: ``(B, 3, S, S) -> (B, num_classes)``."""
+    if cfg.model == "vit":
+        return VisionTransformer(dataclasses.replace(cfg.vit, num_classes=num_classes))
+    if cfg.model == "cnn":
+        from .cnn import SmallCNN
+
+        return SmallCNN(num_classes, width=cfg.cnn_width)
+    from .ultimus import VARIANTS  # imported lazily: chapter 6's module
+
+    if cfg.model not in VARIANTS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose 'vit', 'cnn' or one of {', '.join(VARIANTS)}.")
+    return VARIANTS[cfg.model](num_classes=num_classes)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices and kernels only, not on biases, norms, CLS token or positions."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(("cls_token", "pos_embed"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    groups = _param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)  # Adam: weight decay added to the gradient
+
+
+def _scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epoch: int):
+    """A per-step learning-rate schedule over ``total_steps`` optimizer steps."""
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.max_lr, total_steps=total_steps, pct_start=cfg.pct_start,
+            div_factor=10.0,  # start at max_lr / 10, as the Ultimus assignment did (torch's default is 25)
+        )
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    marks = [round(m * total_steps) for m in cfg.milestones]
+
+    def factor(step: int) -> float:  # multiplies cfg.lr
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            progress = (step - warmup) / max(total_steps - warmup, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        if cfg.schedule == "multistep":
+            return cfg.gamma ** sum(step >= m for m in marks)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def learning_rates(cfg: TrainConfig, steps_per_epoch: int) -> list[float]:
+    """The learning rate at every optimizer step of ``cfg``'s schedule (``epochs * steps_per_epoch`` values)."""
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    total = cfg.epochs * steps_per_epoch
+    scheduler = _scheduler(cfg, optimizer, total, steps_per_epoch)
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def _batch_mixer(cfg: TrainConfig, num_classes: int):
+    """Mixup and/or CutMix on a batch ``(images (B, C, H, W), labels (B,))``; ``None`` if both are off."""
+    from torchvision.transforms import v2
+
+    mixers = []
+    if cfg.mixup > 0:
+        mixers.append(v2.MixUp(alpha=cfg.mixup, num_classes=num_classes))
+    if cfg.cutmix > 0:
+        mixers.append(v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes))
+    if not mixers:
+        return None
+    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+# --------------------------------------------------------------------------- the order of the data
+
+
+class EpochBatches(Sampler):
+    """The training run's distributed batch sampler: batches of one epoch, in an order fixed by
+    ``(seed, epoch)``, from batch ``start`` on, sharded over ``world`` processes by ``rank``.
+
+    Yields lists of ``(index, sample_seed)`` keys (see :class:`vitcourse.data.ImageTensorDataset`):
+    the permutation and every image's augmentation seed come from ``seed`` and ``epoch`` alone.
+    With ``world > 1`` each global batch of ``batch_size`` images is cut into ``world`` equal
+    parts and process ``rank`` gets its part. Incomplete final batches are dropped.
+
+    It does the job of ``torch.utils.data.DistributedSampler(shuffle=True, drop_last=True)``
+    with ``set_epoch(epoch)`` inside a ``BatchSampler``: every process sees a disjoint
+    ``1/world`` of each epoch's shuffled data. It is written out instead for exact resume:
+    it can start at batch ``start`` of an epoch (where a killed run stopped), it carries each
+    image's augmentation seed, and it shards each *global* batch rather than the whole epoch,
+    so the images of step ``k`` are the same for any number of processes and a DDP run
+    matches a one-process run.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.start = n, batch_size, start
+        self.rank, self.world = rank, world
+        self.generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        g = torch.Generator().manual_seed(self.generator.initial_seed())
+        order = torch.randperm(self.n, generator=g)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        part = self.batch_size // self.world
+        for b in range(self.start, self.n // self.batch_size):
+            chunk = order[b * self.batch_size : (b + 1) * self.batch_size][self.rank * part : (self.rank + 1) * part]
+            yield [(int(i), int(seeds[i])) for i in chunk]
+
+
+def _loader(dataset: Dataset, cfg: TrainConfig, **kwargs) -> DataLoader:
+    # An explicit generator keeps DataLoader from drawing on the global random state.
+    return DataLoader(dataset, num_workers=cfg.num_workers, generator=torch.Generator(),
+                      persistent_workers=False, pin_memory=torch.cuda.is_available(), **kwargs)
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed() -> _Dist:
+    """Join the process group when launched by ``torchrun`` (gloo on CPU, NCCL on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return _Dist(rank, world, torch.device("cuda", local))
+    return _Dist(rank, world, torch.device("cpu"))
+
+
+def _all_sum(values: list[float], ctx: _Dist) -> list[float]:
+    """Sum a few numbers over all processes (identity without distributed training)."""
+    if ctx.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, flushed to disk, then renamed over ``path`` (never half-written)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_metrics(out: Path, rows: list[dict]) -> None:
+    """Replace ``out/metrics.jsonl`` by ``rows``, one JSON object per line, atomically (temporary file, rename)."""
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint written by :func:`train`; :class:`FileNotFoundError` / :class:`ValueError` with a clear message."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file written by training.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        raise ValueError(f"checkpoint {path} is not readable (corrupt or not a PyTorch file); retrain or pick another.") from None
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+        raise ValueError(f"{path} is not a vitcourse training checkpoint (no config/model inside).")
+    return checkpoint
+
+
+def _check_same_run(checkpoint: dict, cfg: TrainConfig, source: str, world: int, path: Path) -> None:
+    """:class:`ConfigMismatch` unless ``checkpoint`` was written by this run: same config (but for
+    :data:`_RESUMABLE_FIELDS`), same data actually loaded (``cifar10`` may have fallen back to
+    ``synthetic``) and the same number of processes (each one's random state is in the checkpoint)."""
+    ours = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
+    theirs = {k: v for k, v in checkpoint["config"].items() if k not in _RESUMABLE_FIELDS}
+    ours.update({"data source": source, "processes": world})
+    theirs.update({"data source": checkpoint["source"], "processes": len(checkpoint["rng"])})
+    diffs = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    if diffs:
+        k = diffs[0]
+        raise ConfigMismatch(
+            f"{path} was written by a run with a different configuration ({k}: {theirs.get(k)!r} there, "
+            f"{ours.get(k)!r} now); use another output directory or the same settings."
+        )
+
+
+def fingerprint(cfg: TrainConfig) -> str:
+    """A short hash of everything in ``cfg`` that changes results (not ``max_steps``, workers, paths).
+
+    Chapters name their run directories ``f"{cfg.name}-{fingerprint(cfg)}"``, so a changed
+    configuration trains afresh instead of meeting an old run's checkpoint.
+    """
+    import hashlib
+
+    values = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
+    """The rows of ``OUT/metrics.jsonl`` (one dict per epoch); empty if there are none."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, dataset: Dataset, batch_size: int = 500, device: torch.device | str = "cpu",
+                   num_workers: int = 0, return_outputs: bool = False) -> dict:
+    """Accuracy and mean cross-entropy of ``model`` on ``dataset`` (eval mode, no augmentation).
+
+    Returns:
+        ``{"loss", "acc", "n"}``; with ``return_outputs=True`` also ``"logits"`` ``(n, K)`` and ``"labels"`` ``(n,)``.
+    """
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
+    loss_sum, correct, n, all_logits, all_labels = 0.0, 0, 0, [], []
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images).float()  # (B, K)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(-1) == labels).sum().item()
+        n += len(labels)
+        if return_outputs:
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+    model.train(was_training)
+    result = {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": n}
+    if return_outputs:
+        result["logits"], result["labels"] = torch.cat(all_logits), torch.cat(all_labels)
+    return result
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, resume: bool = True,
+          progress: bool = True, verbose: bool = False) -> list[dict]:
+    """Train ``cfg`` (a :class:`TrainConfig` or the name of one) and return the per-epoch metrics.
+
+    Args:
+        cfg: the run's configuration.
+        out_dir: where metrics and checkpoints go (default ``runs_dir() / cfg.name``).
+        resume: continue from ``out_dir/last.pt`` if it exists (a finished run returns its
+            stored metrics at once). With ``resume=False`` an existing run is an error.
+        progress: show a tqdm progress bar.
+        verbose: also print one line per epoch (the command line does).
+
+    Returns:
+        The rows of ``metrics.jsonl``: dicts with ``epoch``, ``step``, ``train_loss``, ``train_acc``,
+        ``val_loss``, ``val_acc``, ``lr`` (the learning rate of the epoch's last optimizer step),
+        ``images_per_sec``, ``epoch_time``, ``data`` (the data actually used, e.g. ``"synthetic"``).
+
+    Raises:
+        ConfigMismatch: ``out_dir`` holds a run with another configuration, other data or
+            another number of processes.
+        vitcourse.data.DataError: the data is missing or malformed.
+    """
+    cfg = CONFIGS[cfg] if isinstance(cfg, str) else cfg
+    out = Path(out_dir) if out_dir is not None else runs_dir() / cfg.name
+    ctx = _init_distributed()
+    last_path = out / "last.pt"
+    if last_path.exists() and not resume:
+        raise FileExistsError(f"{out} already holds a run; resume it (--resume) or choose another output directory.")
+
+    # ---- data: warnings (e.g. "CIFAR-10 not found, using synthetic") go to the log, not to stderr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = build_data(cfg)
+
+    # ---- an earlier run in `out` must be this run (same config, data and processes); it may be finished
+    checkpoint = load_checkpoint(last_path) if last_path.exists() else None
+    if checkpoint is not None:
+        _check_same_run(checkpoint, cfg, data.source, ctx.world, last_path)
+        if _finished(checkpoint, cfg):
+            rows = checkpoint["state"]["rows"]
+            if ctx.main:
+                _write_metrics(out, rows)  # metrics.jsonl is always the checkpoint's rows
+            return rows
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        if ctx.main:
+            with open(out / "train.log", "a") as f:
+                f.write(line + "\n")
+            if verbose:
+                _write(line, progress)
+
+    for w in caught:
+        log(f"note: {w.message}")
+    if cfg.batch_size % ctx.world:
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by the {ctx.world} processes; change one.")
+    steps_per_epoch = len(data.train) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training set ({len(data.train)} images) is smaller than one batch of "
+                         f"{cfg.batch_size}; lower --batch-size.")
+    total_steps = steps_per_epoch * cfg.epochs
+    log(f"run {cfg.name}: data {data.describe()}, model {cfg.model}, {total_steps} steps planned"
+        + (f", stopping at {cfg.max_steps}" if cfg.max_steps else ""))
+
+    # ---- model, optimizer, schedule: identical on every process (same seed)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, data.num_classes).to(ctx.device)
+    optimizer = _optimizer(cfg, model)
+    scheduler = _scheduler(cfg, optimizer, total_steps, steps_per_epoch)
+    use_amp = cfg.amp and ctx.device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    net = model
+    if ctx.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    mixer = _batch_mixer(cfg, data.num_classes)
+
+    # ---- state of the run, restored from the checkpoint if there is one
+    state = {"epoch": 0, "batch": 0, "step": 0, "best_val_acc": -1.0, "rows": [],
+             "partial": {"loss": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}}
+    torch.manual_seed(cfg.seed + ctx.rank)  # dropout and mixup differ between processes
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        state = checkpoint["state"]
+        state["rows"] = [r for r in state["rows"] if not r.get("partial_epoch")]
+        _set_rng_state(checkpoint["rng"][ctx.rank])
+        log(f"resumed from {last_path} at step {state['step']}")
+    if ctx.main:
+        _write_metrics(out, state["rows"])  # drops rows written after the checkpoint we resume from
+
+    def save(finished: bool) -> None:
+        """Write last.pt (all processes' RNG states gathered on process 0)."""
+        rng = [_rng_state()]
+        if ctx.world > 1:
+            rng = [None] * ctx.world
+            dist.all_gather_object(rng, _rng_state())
+        if ctx.main:
+            _atomic_save({
+                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state, "rng": rng,
+                "finished": finished, "classes": data.classes, "source": data.source, "mean": data.mean,
+                "std": data.std, "model_name": cfg.model,
+            }, last_path)
+
+    budget = min(total_steps, cfg.max_steps or total_steps)
+    bar = _progress_bar(progress and ctx.main, total=budget, initial=state["step"], desc=cfg.name)
+    stop = state["step"] >= budget
+    while state["epoch"] < cfg.epochs and not stop:
+        epoch, part = state["epoch"], state["partial"]
+        batches = EpochBatches(len(data.train), cfg.batch_size, cfg.seed, epoch, state["batch"], ctx.rank, ctx.world)
+        net.train()
+        tick = time.perf_counter()
+        for images, labels in _loader(data.train, cfg, batch_sampler=batches):
+            images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+            targets = labels if mixer is None else mixer(images, labels)
+            if mixer is not None:
+                images, targets = targets
+            with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = net(images)  # (B, K)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses; scheduler.step() sets the next one
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+
+            loss_sum, correct, seen = _all_sum(
+                [loss.item() * len(labels), (logits.argmax(-1) == labels).sum().item(), len(labels)], ctx)
+            part["loss"] += loss_sum
+            part["correct"] += correct
+            part["seen"] += seen
+            state["batch"] += 1
+            state["step"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{part['loss'] / part['seen']:.3f}", epoch=epoch + 1)
+            stop = state["step"] >= budget
+            if stop:
+                break
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+                part["time"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                save(finished=False)
+        part["time"] += time.perf_counter() - tick
+
+        # ---- end of the epoch (or of the step budget): validate, record, checkpoint
+        partial_epoch = state["batch"] < steps_per_epoch
+        val = evaluate_model(model, data.val, cfg.eval_batch_size, ctx.device, cfg.num_workers)
+        row = {
+            "epoch": epoch + 1, "step": state["step"],
+            "train_loss": part["loss"] / part["seen"], "train_acc": part["correct"] / part["seen"],
+            "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
+            "images_per_sec": part["seen"] / max(part["time"], 1e-9), "epoch_time": part["time"],
+            "data": data.source,
+        }
+        if partial_epoch:
+            row["partial_epoch"] = True  # stopped by max_steps; replaced if the run is continued
+        else:
+            state["epoch"], state["batch"] = epoch + 1, 0
+            state["partial"] = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
+        state["rows"].append(row)
+        # best.pt: the best full epoch so far (a budget stop mid-epoch only writes one if there is none yet)
+        improved = val["acc"] > state["best_val_acc"] and not partial_epoch
+        if improved or (partial_epoch and not (out / "best.pt").exists()):
+            state["best_val_acc"] = val["acc"] if improved else state["best_val_acc"]
+            if ctx.main:
+                _atomic_save({"config": cfg.to_dict(), "model": model.state_dict(), "epoch": epoch + 1,
+                              "val_acc": val["acc"], "classes": data.classes, "source": data.source,
+                              "mean": data.mean, "std": data.std, "model_name": cfg.model}, out / "best.pt")
+        # metrics.jsonl first: a kill between the two leaves an extra row that resuming rewrites away
+        if ctx.main:
+            _write_metrics(out, state["rows"])
+        save(finished=stop or state["epoch"] == cfg.epochs)
+        log(f"epoch {epoch + 1}/{cfg.epochs} step {state['step']}: train_loss {row['train_loss']:.4f} "
+            f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} last lr {row['lr']:.2e} "
+            f"{row['images_per_sec']:.0f} img/s [data: {data.source}]")
+        if partial_epoch:
+            # restore the partial-epoch counters so a later, longer run continues this epoch exactly
+            state["rows"].pop()
+            break
+    bar.close()
+    if ctx.world > 1:
+        dist.barrier()
+    return read_metrics(out) if ctx.main else state["rows"]
+
+
+def _finished(checkpoint: dict, cfg: TrainConfig) -> bool:
+    """Whether the checkpointed run has nothing left to do under ``cfg``."""
+    s = checkpoint["state"]
+    return s["epoch"] >= cfg.epochs or (cfg.max_steps is not None and s["step"] >= cfg.max_steps)
+
+
+def _progress_bar(enabled: bool, **kwargs):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, unit="step", dynamic_ncols=True, **kwargs)
+
+
+def _write(line: str, progress: bool) -> None:
+    if progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
+    else:
+        print(line, flush=True)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vitcourse.train",
+        description="Train a model of the course. Writes OUT/metrics.jsonl, OUT/last.pt and OUT/best.pt.",
+        epilog="Example: python -m vitcourse.train --config quick --out runs/quick. Under torchrun the same "
+               "command trains with DistributedDataParallel.",
+    )
+    p.add_argument("--config", default="quick", help=f"named configuration: {', '.join(CONFIGS)} (default: quick)")
+    p.add_argument("--data", help="cifar10, synthetic, or the path of an image folder (<folder>/<class>/<image>)")
+    p.add_argument("--model", help="network: vit, cnn, or an Ultimus variant of chapter 6 (default: the config's)")
+    p.add_argument("--data-root", help="CIFAR-10 cache directory (default: $VITCOURSE_DATA or ~/.cache/vitcourse/data)")
+    p.add_argument("--epochs", type=int, help="epochs (sets the learning-rate schedule)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps in total")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float, help="peak learning rate (max_lr for one-cycle)")
+    p.add_argument("--subset", type=int, help="train on this many images only")
+    p.add_argument("--seed", type=int, help="random seed")
+    p.add_argument("--num-workers", type=int, help="data-loading worker processes")
+    p.add_argument("--out", help="output directory (default: runs/<config>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The named config with the command-line overrides applied."""
+    if args.config not in CONFIGS:
+        raise ValueError(f"unknown configuration {args.config!r}; choose one of {', '.join(CONFIGS)}.")
+    cfg = CONFIGS[args.config]
+    changes = {k: getattr(args, k) for k in ("data", "model", "data_root", "epochs", "max_steps", "batch_size", "subset",
+                                             "seed", "num_workers") if getattr(args, k) is not None}
+    if args.lr is not None:
+        changes["max_lr" if cfg.schedule == "onecycle" else "lr"] = args.lr
+    if args.data is not None:
+        changes["allow_synthetic"] = False  # data named explicitly: no silent stand-in
+    return cfg.replace(**changes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m vitcourse.train``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        rows = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, verbose=True)
+    except (DataError, ConfigMismatch, FileExistsError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue later with the same command plus --resume.", file=sys.stderr)
+        return 130
+    if rows and (not dist.is_initialized() or dist.get_rank() == 0):
+        last = rows[-1]
+        print(f"done: epoch {last['epoch']}, val_acc {last['val_acc']:.4f}, data {last['data']}; "
+              f"outputs in {args.out or runs_dir() / cfg.name}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

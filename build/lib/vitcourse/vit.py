@@ -1,0 +1,194 @@
+"""The Vision Transformer: patches in, class scores out.
+
+``VisionTransformer`` assembles the pieces of the earlier chapters::
+
+    images (B, C, H, W)
+      -> PatchEmbed                       (B, N, D)
+      -> prepend CLS token                (B, N + 1, D)
+      -> + learned positional embedding   (B, N + 1, D)
+      -> dropout, depth x EncoderBlock    (B, N + 1, D)
+      -> LayerNorm, take the CLS token    (B, D)
+      -> linear head                      (B, num_classes)
+
+Its ``state_dict`` has exactly timm's names and shapes, so the weights load
+into ``timm.models.vision_transformer.VisionTransformer`` and back (see
+:mod:`vitcourse.timm_compat`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .encoder import LAYER_NORM_EPS, EncoderBlock
+from .patches import PatchEmbed, check_image_size
+
+__all__ = ["ViTConfig", "VisionTransformer", "count_parameters", "expected_num_parameters", "PRESETS"]
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Every hyperparameter of a :class:`VisionTransformer`.
+
+    Attributes:
+        image_size: side of the square input images, in pixels.
+        patch_size: side of the square patches; must divide ``image_size``.
+        in_channels: colour channels of the input (3 for RGB, 1 for grey).
+        num_classes: number of output classes.
+        dim: embedding size ``D`` of every token.
+        depth: number of encoder blocks.
+        heads: attention heads per block; must divide ``dim``.
+        mlp_dim: hidden size of each block's MLP.
+        dropout: dropout after the positional embedding and inside the blocks.
+        drop_path: stochastic-depth rate of the last block (linearly increasing from 0).
+    """
+
+    image_size: int = 32
+    patch_size: int = 4
+    in_channels: int = 3
+    num_classes: int = 10
+    dim: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_dim: int = 384
+    dropout: float = 0.0
+    drop_path: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}.")
+        check_image_size(self.image_size, self.image_size, self.patch_size)
+        if self.dim % self.heads:
+            raise ValueError(
+                f"ViTConfig.dim={self.dim} is not divisible by heads={self.heads}; pick a number of "
+                "heads that divides dim."
+            )
+        for name in ("dropout", "drop_path"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value!r}.")
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patches ``N = (image_size / patch_size) ** 2``."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens seen by the encoder: ``N`` patches plus the CLS token."""
+        return self.num_patches + 1
+
+    def to_dict(self) -> dict:
+        """The configuration as a plain dict (for checkpoints and JSON)."""
+        return asdict(self)
+
+
+PRESETS: dict[str, ViTConfig] = {
+    # The from-scratch CIFAR-10 model of the course's first seed blog post.
+    "seed-blog": ViTConfig(image_size=32, patch_size=4, dim=256, depth=6, heads=8, mlp_dim=512, dropout=0.2),
+    # The standard sizes of the DeiT/ViT papers at 224 px, patch 16.
+    "vit-tiny": ViTConfig(image_size=224, patch_size=16, num_classes=1000, dim=192, depth=12, heads=3, mlp_dim=768),
+    "vit-small": ViTConfig(image_size=224, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536),
+    "vit-base": ViTConfig(image_size=224, patch_size=16, num_classes=1000, dim=768, depth=12, heads=12, mlp_dim=3072),
+}
+"""Named configurations used in the chapters."""
+
+
+class VisionTransformer(nn.Module):
+    """A ViT classifier with timm-compatible parameter names.
+
+    Args:
+        config: a :class:`ViTConfig`.
+
+    Shapes:
+        ``forward``: ``(B, C, H, W)`` -> ``(B, num_classes)``.
+    """
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.in_channels, c.dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, c.seq_len, c.dim))
+        self.pos_drop = nn.Dropout(c.dropout)
+        rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
+        self.blocks = nn.ModuleList(
+            EncoderBlock(c.dim, c.heads, c.mlp_dim, c.dropout, drop_path=r) for r in rates
+        )
+        self.norm = nn.LayerNorm(c.dim, eps=LAYER_NORM_EPS)
+        self.head = nn.Linear(c.dim, c.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """ViT initialisation: truncated normal (std 0.02) for linears and positions, zero biases."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """Tokens entering the first block: ``(B, C, H, W)`` -> ``(B, N + 1, D)``."""
+        x = self.patch_embed(images)  # (B, N, D)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([cls, x], dim=1)  # (B, N + 1, D)
+        return self.pos_drop(x + self.pos_embed)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """Normalised token features after the last block: ``(B, C, H, W)`` -> ``(B, N + 1, D)``."""
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Class scores (logits) ``(B, num_classes)`` for ``images`` ``(B, C, H, W)``."""
+        return self.head(self.forward_features(images)[:, 0])  # classify from the CLS token
+
+    def attention_maps(self, images: Tensor) -> list[Tensor]:
+        """Every block's attention weights for a batch, through the explicit attention path.
+
+        Call it in eval mode (``model.eval()``) to see the weights without dropout.
+
+        Args:
+            images: ``(B, C, H, W)``.
+
+        Returns:
+            A list of ``depth`` tensors of shape ``(B, heads, N + 1, N + 1)``;
+            token 0 is the CLS token, and row ``i`` is what token ``i`` attends to.
+        """
+        maps = []
+        x = self.embed(images)
+        for block in self.blocks:
+            x, weights = block(x, return_weights=True)
+            maps.append(weights)
+        return maps
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) scalar parameters in ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def expected_num_parameters(config: ViTConfig) -> int:
+    """The parameter count of ``VisionTransformer(config)`` from the formula, term by term.
+
+    Patch embedding ``P*P*C*D + D``; CLS token ``D``; positions ``(N + 1) * D``;
+    per block two LayerNorms ``4D``, ``qkv`` ``3D*D + 3D``, ``proj`` ``D*D + D``,
+    MLP ``2*D*M + M + D``; final LayerNorm ``2D``; head ``D*K + K``.
+    """
+    c = config
+    d, m = c.dim, c.mlp_dim
+    patch = c.patch_size**2 * c.in_channels * d + d
+    tokens = d + c.seq_len * d
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (2 * d * m + m + d)
+    return patch + tokens + c.depth * block + 2 * d + (d * c.num_classes + c.num_classes)
