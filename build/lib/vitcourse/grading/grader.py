@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .notebook import Statement, clean, read_notebook, rule_findings, select_statements
 from .runtime import decode, encode
-from .spec import Case, Chapter, load_hidden, seed_for, verdict
+from .spec import Case, Chapter, load_hidden, seed_for
 
 HIDDEN_FAILED = "failed (a hidden check: it shows no details)"
 
@@ -152,7 +152,7 @@ class Grader:
             ok, value, tainted = outcomes.get(unit.id, (False, "not run: the notebook could not be read", False))
             if ok:
                 try:
-                    value = verdict(unit.case, decode(value), unit.hidden or tainted)
+                    value = unit.case.compare(decode(value), unit.case.expected)
                 except Exception as err:  # noqa: BLE001 - an odd value costs only this check
                     value = f"the result could not be compared ({type(err).__name__})"
                 ok = value is None
