@@ -210,21 +210,27 @@ def grade_folder(submissions, out, workers: int | None = None, force: bool = Fal
                         path, key, sha = jobs.get_nowait()
                     except queue.Empty:
                         return
+
+                    def failed(what: str) -> StudentResult:  # not stored: a rerun tries again
+                        failures.append(key)
+                        return StudentResult(display_name(path.name[:-6]), key, sha, name, version, sandboxed,
+                                             scores=dict.fromkeys(points, 0.0), maximum=dict(points),
+                                             ungradable=f"the grader failed {what}; rerun to try again")
+
                     try:
                         if not zygote.alive():
                             zygote.close()
                             zygote.start()
                         result = grader.grade(path, display_name(path.name[:-6]), key, sha)
                     except Exception as err:  # noqa: BLE001 - this student's row says so; the batch goes on
-                        result = StudentResult(display_name(path.name[:-6]), key, sha, name, version, sandboxed,
-                                               scores=dict.fromkeys(points, 0.0), maximum=dict(points),
-                                               ungradable=f"the grader failed on this file ({type(err).__name__}); "
-                                                          "rerun to try again")
-                        failures.append(key)
+                        result = failed(f"on this file ({type(err).__name__})")
                         zygote.close()
-                    write_feedback(out / "feedback" / f"{key}.html", result, spec)
-                    if key not in failures:
-                        atomic_write(out / "results" / f"{key}.json", json.dumps(result.to_json(), indent=1))
+                    try:
+                        write_feedback(out / "feedback" / f"{key}.html", result, spec)
+                        if key not in failures:
+                            atomic_write(out / "results" / f"{key}.json", json.dumps(result.to_json(), indent=1))
+                    except Exception as err:  # noqa: BLE001
+                        result = failed(f"to write this file's result ({type(err).__name__})")
                     with lock:
                         results[key] = result
                         write_csv(out, list(results.values()), exercise_ids)

@@ -93,7 +93,7 @@ def _no_new_processes() -> None:
         import errno
 
         import pyseccomp as sc
-    except (ImportError, OSError, AttributeError):  # no libseccomp here: the process limit still applies
+    except (ImportError, OSError, AttributeError, RuntimeError):  # no libseccomp here: the process limit still applies
         return
     f = sc.SyscallFilter(sc.ALLOW)
     for name in ("fork", "vfork", "ptrace"):
@@ -144,7 +144,7 @@ def _run_statements(job: dict, namespace: dict, out: int) -> None:
         _write(out, {"done": st["id"], "ok": error is None, **(error or {})})
 
 
-def _check_child(check: dict, namespace: dict, out: int, seconds: float, memory: int) -> None:
+def _check_child(check: dict, namespace: dict, out: int, seconds: float) -> None:
     _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
     _limit(resource.RLIMIT_CPU, math.ceil(seconds) + 1)
     _no_new_processes()
@@ -176,7 +176,7 @@ def _wait(pid: int, seconds: float) -> int | None:
     return status if ready else None
 
 
-def _run_checks(checks: list, budgets: dict, namespace: dict, out: int, memory: int) -> None:
+def _run_checks(checks: list, budgets: dict, namespace: dict, out: int) -> None:
     for check in checks:
         group = check["exercise"]
         if budgets[group] <= 0:
@@ -187,7 +187,7 @@ def _run_checks(checks: list, budgets: dict, namespace: dict, out: int, memory: 
         pid = os.fork()
         if pid == 0:
             try:
-                _check_child(check, namespace, out, budgets[group], memory)
+                _check_child(check, namespace, out, budgets[group])
             finally:
                 os._exit(0)
         status = _wait(pid, budgets[group])
@@ -204,10 +204,9 @@ def _run_checks(checks: list, budgets: dict, namespace: dict, out: int, memory: 
 def runner(out: int, control: socket.socket, job: dict) -> None:
     """Run one submission's statements and checks (steps 2-3 of the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # PID 1 ignores what it does not handle: nothing can end it
-    memory = int(job["memory"])
     with open("/proc/self/status") as f:
         mapped = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize")), 0)
-    _limit(resource.RLIMIT_AS, mapped + memory)
+    _limit(resource.RLIMIT_AS, mapped + int(job["memory"]))
     _limit(resource.RLIMIT_FSIZE, 64 * 2**20)
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_NOFILE, 256)
@@ -225,12 +224,12 @@ def runner(out: int, control: socket.socket, job: dict) -> None:
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     budgets = {k: float(v) for k, v in job["budgets"].items()}
     _run_statements(job, namespace, out)
-    _run_checks(job["public"], budgets, namespace, out, memory)
+    _run_checks(job["public"], budgets, namespace, out)
     _write(out, {"phase": "public-done"})
     _, fds, _, _ = socket.recv_fds(control, 16, 1)
     if fds:
         with os.fdopen(fds[0]) as f:
-            _run_checks(json.load(f), budgets, namespace, out, memory)
+            _run_checks(json.load(f), budgets, namespace, out)
 
 
 def _submission(fds: list[int], sandboxed: bool) -> None:
@@ -274,7 +273,7 @@ def zygote(control_fd: int, preload: str, uid: int | None) -> None:
 
     try:
         import pyseccomp  # noqa: F401 - finds libseccomp once, here
-    except (ImportError, OSError, AttributeError):
+    except (ImportError, OSError, AttributeError, RuntimeError):
         pass
     control = socket.socket(fileno=control_fd)
     sandboxed = os.environ.get("VITCOURSE_SANDBOX") == "1"

@@ -18,7 +18,6 @@ import functools
 import importlib.metadata as md
 import json
 import os
-import re
 import select
 import shutil
 import site
@@ -29,34 +28,27 @@ import tempfile
 import time
 from pathlib import Path
 
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
 PACKAGE = Path(__file__).resolve().parent.parent  # .../vitcourse
 ALLOWED = ("torch", "numpy", "einops", "pyseccomp")
 MAX_OUTPUT = 64 * 2**20  # bytes one run may write
 
 
-def _closure(names) -> set:
-    """The distributions ``names`` need at run time (their requirements, transitively; no extras)."""
-    found, todo = {}, list(names)
+def _closure(names) -> list:
+    """The installed distributions ``names`` need at run time: their requirements, transitively, no extras."""
+    found, todo = {}, [Requirement(n) for n in names]
     while todo:
-        name = re.split(r"[ ;<>=!~\[(]", todo.pop(), maxsplit=1)[0].lower().replace("_", "-")
-        if name in found:
+        req = todo.pop()
+        if canonicalize_name(req.name) in found or req.marker and not req.marker.evaluate({"extra": ""}):
             continue
         try:
-            dist = md.distribution(name)
+            found[canonicalize_name(req.name)] = dist = md.distribution(req.name)
         except md.PackageNotFoundError:
             continue
-        found[name] = dist
-        for req in dist.requires or []:
-            marker = req.split(";", 1)[1] if ";" in req else ""
-            if "extra" in marker:
-                continue
-            if marker:
-                from packaging.markers import Marker
-
-                if not Marker(marker).evaluate():
-                    continue
-            todo.append(req)
-    return set(found.values())
+        todo += [Requirement(r) for r in dist.requires or []]
+    return list(found.values())
 
 
 def package_binds(names=ALLOWED) -> list[str]:
