@@ -115,3 +115,33 @@ def test_run_dir_needs_a_train_config():
 
     with pytest.raises(TypeError, match="needs a vitcourse.train.TrainConfig, got ViTConfig"):
         run_dir(ViTConfig(), "ch05")
+
+
+def test_show_grid_draws_each_image_denormalised_with_its_title():
+    from vitcourse.data import denormalize
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    images = torch.randn(5, 3, 8, 8)  # normalised images
+    fig = viz.show_grid(images, [f"image {i}" for i in range(5)], "Five images", cols=3, mean=mean, std=std)
+    assert fig._suptitle.get_text() == "Five images"
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(fig.axes) == 6 and len(drawn) == 5  # 2 rows of 3, the last place left empty
+    assert [ax.get_title() for ax in drawn] == [f"image {i}" for i in range(5)]
+    expected = denormalize(images[4], mean, std).permute(1, 2, 0).numpy()
+    assert torch.allclose(torch.from_numpy(drawn[4].images[0].get_array().data), torch.from_numpy(expected))
+    grey = viz.show_grid([torch.rand(1, 4, 4)], ["grey"], "One grey image")  # already in [0, 1]: no mean, std
+    assert grey.axes[0].images[0].get_array().shape == (4, 4)
+    plt.close("all")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(titles=["a"]), "3 images but 1 titles"),
+    (dict(cols=0), "cols >= 1"),
+    (dict(mean=(0.5, 0.5, 0.5)), "both mean and std"),
+])
+def test_show_grid_refuses_inconsistent_arguments(kwargs, message):
+    arguments = {**dict(images=torch.rand(3, 3, 4, 4), titles=["a", "b", "c"], suptitle="t"), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        viz.show_grid(**arguments)
+    with pytest.raises(ValueError, match="no images"):
+        viz.show_grid([], [], "nothing")
