@@ -1,4 +1,4 @@
-"""Small helpers the chapters share: seeding, devices, and an offline sample photograph."""
+"""Small helpers the chapters share: seeding, devices, where runs are kept, and an offline sample photograph."""
 
 from __future__ import annotations
 
@@ -76,6 +76,7 @@ def run_dir(config: TrainConfig, chapter: str, name: str | None = None) -> Path:
         name: the start of the folder name; ``config.name`` if not given.
 
     Raises:
+        TypeError: if ``config`` is not a ``TrainConfig``.
         ValueError: if ``chapter`` or ``name`` is empty or is not a single folder name.
     """
     from .train import TrainConfig, fingerprint  # imported here: train imports this module
@@ -85,7 +86,7 @@ def run_dir(config: TrainConfig, chapter: str, name: str | None = None) -> Path:
     name = config.name if name is None else name
     for label, value in (("chapter", chapter), ("name", name)):
         if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value:
-            raise ValueError(f"run_dir needs {label} to be one folder name such as 'ch05', got {value!r}.")
+            raise ValueError(f"run_dir needs {label} to be one folder name (no '/', not '.' or '..'), got {value!r}.")
     return runs_dir() / chapter / f"{name}-{fingerprint(config)}"
 
 
