@@ -315,3 +315,19 @@ def test_every_other_module_works_without_jax():
     message, count = out.stdout.strip().splitlines()
     assert "jax" in message and "install" in message.lower(), message
     assert int(count) > 10
+
+
+def test_the_speed_benchmark_lives_in_benchmarks_and_times_both_frameworks():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "jax_vs_torch.py"
+    spec = importlib.util.spec_from_file_location("jax_vs_torch", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert not hasattr(jv, "benchmark_train_steps")  # timing is not part of the package
+    config = ViTConfig(image_size=8, patch_size=4, num_classes=3, dim=8, depth=1, heads=2, mlp_dim=16)
+    result = bench.benchmark_train_steps(config, batch_size=4, rounds=2, steps=1)
+    assert len(result["torch"]) == len(result["jax"]) == len(result["ratios"]) == 2
+    assert all(t > 0 for t in result["torch"] + result["jax"]) and result["compile_seconds"] > 0
+    assert result["median_ratio"] == pytest.approx(float(np.median(result["ratios"])))

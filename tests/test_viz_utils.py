@@ -61,3 +61,87 @@ def test_position_similarity_diagonal_is_one():
     tile = fig.axes[4].images[0].get_array()  # patch (1, 1) of the 3x3 grid
     assert abs(tile[1, 1] - 1.0) < 1e-6
     plt.close("all")
+
+
+def _chapter_runs() -> list[tuple[str, object, str | None]]:
+    """(chapter, config, name) of every run chapters 5-7 keep, built as the chapters build them."""
+    import dataclasses
+
+    from vitcourse.train import CONFIGS
+    from vitcourse.ultimus import VARIANTS
+
+    quick = CONFIGS["quick"]  # chapter 5's QUICK, chapter 7's quick and recipe
+    runs = [("ch05", quick, None), ("ch05", quick.replace(name="quick-cnn", model="cnn"), None)]
+    runs.append(("ch05", quick.replace(
+        name="quick-seed-recipe", optimizer="adam", lr=3e-4, weight_decay=0.0, schedule="multistep",
+        milestones=(80 / 150, 130 / 150), warmup_epochs=0, augment="resized", label_smoothing=0.0, grad_clip=None,
+        vit=dataclasses.replace(quick.vit, dropout=0.2)), None))
+    budget = dict(data="synthetic", subset=2048, val_size=1000, augment="none", epochs=4, batch_size=128,
+                  num_workers=0)
+    base = CONFIGS["ultimus"].replace(**budget)  # chapter 6
+    for model in VARIANTS:
+        for max_lr in (base.max_lr, 1e-3):
+            runs.append(("ch06", base.replace(name=f"ch06-{model}-lr{max_lr:g}", model=model, max_lr=max_lr), None))
+    runs += [("ch07", quick, f"jax-and-torch-{source}") for source in ("cifar10", "synthetic")]
+    return runs
+
+
+def test_run_dir_keeps_the_folders_the_chapters_used_before(monkeypatch, tmp_path):
+    from vitcourse.train import CONFIGS, fingerprint
+    from vitcourse.utils import run_dir
+
+    monkeypatch.setenv("VITCOURSE_RUNS", str(tmp_path))
+    for chapter, cfg, name in _chapter_runs():
+        before = tmp_path / chapter / f"{name or cfg.name}-{fingerprint(cfg)}"  # the chapters' own expression
+        assert run_dir(cfg, chapter, name=name) == before
+    quick = CONFIGS["quick"]
+    assert run_dir(quick, "ch05").name.startswith("quick-")  # chapter 7 looks for chapter 5's run by this name
+    assert run_dir(quick, "ch05") != run_dir(quick.replace(epochs=quick.epochs + 1), "ch05")  # a new config, a new run
+
+
+@pytest.mark.parametrize("chapter,name", [("", None), ("../ch05", None), ("ch05/x", None), ("ch05", ""),
+                                          ("ch05", "a/b"), ("ch05", "..")])
+def test_run_dir_refuses_paths_that_are_not_one_folder(chapter, name):
+    from vitcourse.train import CONFIGS
+    from vitcourse.utils import run_dir
+
+    with pytest.raises(ValueError, match="one folder name"):
+        run_dir(CONFIGS["quick"], chapter, name=name)
+
+
+def test_run_dir_needs_a_train_config():
+    from vitcourse.utils import run_dir
+    from vitcourse.vit import ViTConfig
+
+    with pytest.raises(TypeError, match="needs a vitcourse.train.TrainConfig, got ViTConfig"):
+        run_dir(ViTConfig(), "ch05")
+
+
+def test_show_grid_draws_each_image_denormalised_with_its_title():
+    from vitcourse.data import denormalize
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    images = torch.randn(5, 3, 8, 8)  # normalised images
+    fig = viz.show_grid(images, [f"image {i}" for i in range(5)], "Five images", cols=3, mean=mean, std=std)
+    assert fig._suptitle.get_text() == "Five images"
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(fig.axes) == 6 and len(drawn) == 5  # 2 rows of 3, the last place left empty
+    assert [ax.get_title() for ax in drawn] == [f"image {i}" for i in range(5)]
+    expected = denormalize(images[4], mean, std).permute(1, 2, 0).numpy()
+    assert torch.allclose(torch.from_numpy(drawn[4].images[0].get_array().data), torch.from_numpy(expected))
+    grey = viz.show_grid([torch.rand(1, 4, 4)], ["grey"], "One grey image")  # already in [0, 1]: no mean, std
+    assert grey.axes[0].images[0].get_array().shape == (4, 4)
+    plt.close("all")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(titles=["a"]), "3 images but 1 titles"),
+    (dict(cols=0), "cols >= 1"),
+    (dict(mean=(0.5, 0.5, 0.5)), "both mean and std"),
+])
+def test_show_grid_refuses_inconsistent_arguments(kwargs, message):
+    arguments = {**dict(images=torch.rand(3, 3, 4, 4), titles=["a", "b", "c"], suptitle="t"), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        viz.show_grid(**arguments)
+    with pytest.raises(ValueError, match="no images"):
+        viz.show_grid([], [], "nothing")

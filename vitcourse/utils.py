@@ -1,16 +1,20 @@
-"""Small helpers the chapters share: seeding, devices, and an offline sample photograph."""
+"""Small helpers the chapters share: seeding, devices, where runs are kept, and an offline sample photograph."""
 
 from __future__ import annotations
 
 import os
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["seed_everything", "default_device", "sample_image", "runs_dir", "atomic_write"]
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+__all__ = ["seed_everything", "default_device", "sample_image", "runs_dir", "run_dir", "atomic_write"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -56,6 +60,34 @@ def runs_dir() -> Path:
     ``make clean`` removes them.
     """
     return Path(os.environ.get("VITCOURSE_RUNS") or "runs").expanduser()
+
+
+def run_dir(config: TrainConfig, chapter: str, name: str | None = None) -> Path:
+    """Where ``chapter`` keeps its run of ``config``: ``runs_dir() / chapter / f"{name}-{fingerprint}"``.
+
+    The folder name ends in :func:`vitcourse.train.fingerprint` of ``config``, so a changed
+    configuration trains afresh instead of resuming an old run, and rebuilding the book
+    reuses every finished run. For example ``run_dir(CONFIGS["quick"], "ch05")`` is
+    ``runs/ch05/quick-<8 hex digits>``.
+
+    Args:
+        config: the run's :class:`vitcourse.train.TrainConfig`.
+        chapter: the chapter's folder inside :func:`runs_dir`, e.g. ``"ch05"``.
+        name: the start of the folder name; ``config.name`` if not given.
+
+    Raises:
+        TypeError: if ``config`` is not a ``TrainConfig``.
+        ValueError: if ``chapter`` or ``name`` is empty or is not a single folder name.
+    """
+    from .train import TrainConfig, fingerprint  # imported here: train imports this module
+
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"run_dir needs a vitcourse.train.TrainConfig, got {type(config).__name__}.")
+    name = config.name if name is None else name
+    for label, value in (("chapter", chapter), ("name", name)):
+        if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value:
+            raise ValueError(f"run_dir needs {label} to be one folder name (no '/', not '.' or '..'), got {value!r}.")
+    return runs_dir() / chapter / f"{name}-{fingerprint(config)}"
 
 
 _PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")

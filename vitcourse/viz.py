@@ -7,6 +7,7 @@ with a title and labelled axes, so a notebook cell can add to it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -23,6 +24,7 @@ __all__ = [
     "plot_patches",
     "plot_position_similarity",
     "overlay_attention",
+    "show_grid",
 ]
 
 
@@ -187,3 +189,47 @@ def overlay_attention(image: Tensor, grid: Tensor, ax: plt.Axes | None = None,
     ax.set_xlabel("x (pixels)")
     ax.set_ylabel("y (pixels)")
     return ax
+
+
+def show_grid(images: Sequence[Tensor] | Tensor, titles: Sequence[str], suptitle: str, cols: int = 10,
+              mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> plt.Figure:
+    """Draw ``B`` images in rows of ``cols``, each with its own title, under one figure title.
+
+    Args:
+        images: ``B`` images of shape ``(C, H, W)``, as a list or a ``(B, C, H, W)`` tensor.
+        titles: one title per image (a label, a prediction, ...).
+        suptitle: the figure's title, saying what the images are.
+        cols: images per row.
+        mean, std: the per-channel statistics the images were normalised with (a dataset's
+            ``mean`` and ``std``), to show them in their true colours; leave both out for
+            images already in ``[0, 1]``.
+
+    Returns:
+        The figure; the image axes carry no ticks, since pixel coordinates say nothing here.
+
+    Raises:
+        ValueError: if there are no images, the titles do not match them one to one,
+            ``cols`` is not positive, or only one of ``mean`` and ``std`` is given.
+    """
+    if len(images) == 0:
+        raise ValueError("show_grid got no images; pass at least one (C, H, W) image.")
+    if len(titles) != len(images):
+        raise ValueError(f"show_grid got {len(images)} images but {len(titles)} titles; pass one title per image.")
+    if cols < 1:
+        raise ValueError(f"show_grid needs cols >= 1 images per row, got {cols}.")
+    if (mean is None) != (std is None):
+        raise ValueError("show_grid needs both mean and std to undo a normalisation, or neither.")
+    if mean is not None:
+        from .data import denormalize  # imported here: vitcourse.data pulls in torchvision
+
+        images = [denormalize(image, mean, std) for image in images]
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(to_numpy_image(image), cmap="gray")
+        ax.set_title(title, fontsize=7)
+    fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
