@@ -125,7 +125,10 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """ViT initialisation: truncated normal (std 0.02) for linears and positions, zero biases."""
+        """timm's and DeiT's initialisation: truncated normal (std 0.02) for linears and positions, zero biases.
+
+        The original ViT code used Xavier-uniform linear weights instead; chapter 3 compares them.
+        """
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for module in self.modules():
