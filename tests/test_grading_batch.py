@@ -108,6 +108,7 @@ def test_csv_feedback_and_summary(corpus_run):
         text = (out / "feedback" / f"{result.key}.html").read_text()
         assert "Total:" in text and not any(line in text for line in code_lines), result.key
         assert all(c.message in ("", HIDDEN_FAILED) for c in result.checks if c.hidden), result.key
+        assert "$npy" not in text and "HIDDEN INPUTS" not in text, result.key  # no hidden task ever shown
         assert ("NO SANDBOX" in text) == UNSAFE
     if chapter == "ch04":
         assert "uses ViT" in page(out, "timm_vit_and_built_count")

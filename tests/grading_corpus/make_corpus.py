@@ -486,6 +486,39 @@ def _(nb):
             + "\n" + "\n".join(f"class Slow{i}:\n    import time; time.sleep(0.9)" for i in range(50)))
 
 
+@case("forges_the_end_of_public_checks", (0.8, 1.2, 1.6), sandbox=True, timed=True)
+def _(nb):  # claims the public checks are done during setup, to receive the hidden inputs and show them
+    set_src(nb, SOFTMAX, src(nb, SOFTMAX) + '''
+
+
+import os, socket, time
+
+
+def _fds(kind):
+    for fd in range(3, 64):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(kind):
+                yield fd
+        except OSError:
+            pass
+
+
+for _fd in _fds("pipe:"):
+    os.write(_fd, b'\\n{"phase": "public-done"}\\n')
+time.sleep(1)
+_leaked = "nothing"
+for _fd in _fds("socket:"):
+    try:
+        _sock = socket.socket(fileno=os.dup(_fd))
+        _sock.settimeout(2)
+        _, _got, _, _ = socket.recv_fds(_sock, 16, 1)
+        _leaked = os.read(_got[0], 2000).decode(errors="replace")
+    except Exception:
+        pass
+raise ValueError("HIDDEN INPUTS: " + _leaked)
+''')
+
+
 @case("forbidden_calls_and_timm", (0, 3, 0))
 def _(nb):
     set_src(nb, SOFTMAX, "import torch.nn.functional as F\n\n\ndef softmax(x, dim=-1):\n    return F.softmax(x, dim)")

@@ -173,8 +173,9 @@ class Grader:
         budgets = {ex.id: self.seconds for ex in self.chapter.exercises}
         outcomes: dict[str, tuple[bool, object]] = {}
         skipped: set[str] = set()
+        reported: set[str] = set()
         cap = time.monotonic() + self.limits.cap(self.chapter)
-        for attempt in range(len(statements) + len(units) + 1):
+        for _ in range(len(statements) + len(units) + 1):
             pending = [u for u in self.units if u.id not in outcomes]
             left = cap - time.monotonic()
             if not pending or left < 1:
@@ -196,7 +197,8 @@ class Grader:
                     current = uid
                 elif uid in by_id and "done" in record and uid == current:
                     current = None
-                    if not record.get("ok") and attempt == 0:
+                    if not record.get("ok") and not after and uid not in reported:
+                        reported.add(uid)
                         r.problems.append(self._statement_problem(by_id[uid], record))
                 elif uid in units and uid not in outcomes and "begin" in record:
                     current, began[uid] = uid, t
@@ -207,17 +209,19 @@ class Grader:
                         budgets[units[uid].exercise] -= t - began[uid]
                         current = None
                     outcomes[uid] = (*self._outcome(units[uid], record, *done.get(uid, (None, after))), after)
+            tainted = bool(records) and records[-1][2]  # hidden inputs were sent: report nothing it could steer
             if current in by_id:
                 skipped.add(current)
                 why = {"deadline": "did not finish within the setup time", "output": "wrote more output than "
                        "the grader accepts"}.get(ended, "ended the process")
-                r.problems.append(f"{self._where(by_id[current])} {why}; it was skipped")
+                if not tainted:
+                    r.problems.append(f"{self._where(by_id[current])} {why}; it was skipped")
             elif current in units:
                 budgets[units[current].exercise] -= time.monotonic() - started - began[current]
                 reason = {"deadline": f"it did not finish within the time limit of exercise "
                           f"{units[current].exercise} ({self.seconds:g} s)",
                           "output": "it wrote more output than the grader accepts"}.get(ended, "the process running it stopped")
-                outcomes[current] = (False, reason, bool(records) and records[-1][2])
+                outcomes[current] = (False, reason, tainted)
             else:
                 break  # the run ended between units: running it again would end the same way
         for u in self.units:
