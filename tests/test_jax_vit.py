@@ -103,7 +103,8 @@ def test_forward_is_one_image_and_vmap_adds_the_batch():
     one = forward_jit(params, jnp.asarray(images[1].numpy()), config=config)
     assert one.shape == (config.num_classes,)
     batched = batched_forward_jit(params, jnp.asarray(images.numpy()), config=config)
-    np.testing.assert_allclose(np.asarray(batched[1]), np.asarray(one), atol=1e-6, rtol=1e-6)
+    # a batched matmul may sum in another order than a single one: float32 rounding, not a bug
+    np.testing.assert_allclose(np.asarray(batched[1]), np.asarray(one), atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -47,27 +47,22 @@ def tree_allclose(atol: float = 1e-5, rtol: float = 1e-4) -> Comparison:
             return [leaf for item in tree for leaf in flat(item)]
         return [tree]
 
-    def compare(actual, expected, hidden: bool = False) -> str | None:
+    def compare(actual, expected) -> str | None:
         if structure(actual) != structure(expected):
-            got = "one shaped otherwise" if hidden else structure(actual)  # its keys are the student's
-            return f"expected a pytree shaped like {structure(expected)} (None = array), got {got}"
-        return leaves(flat(actual), flat(expected), hidden=hidden)
+            return f"expected a pytree shaped like {structure(expected)} (None = array), got {structure(actual)}"
+        return leaves(flat(actual), flat(expected))
 
     return compare
 
 
 def scalar_close(atol: float = 1e-5, rtol: float = 1e-5) -> Comparison:
-    """:func:`allclose` for a scalar result, accepting it as a 0-d or a one-element array.
-
-    (A 0-d array comes back from the grading sandbox as shape ``(1,)``: the wire format
-    saves arrays through ``np.ascontiguousarray``, which returns at least one dimension.)
-    """
+    """:func:`allclose` for a scalar result, accepting it as a 0-d or a one-element array."""
     leaf = allclose(atol, rtol)
 
-    def compare(actual, expected, hidden: bool = False) -> str | None:
+    def compare(actual, expected) -> str | None:
         if isinstance(actual, np.ndarray) and actual.size == 1 and np.ndim(expected) == 0:
             actual = actual.reshape(())
-        return leaf(actual, expected, hidden=hidden)
+        return leaf(actual, expected)
 
     return compare
 
