@@ -691,7 +691,7 @@ def _check_classes(folder: Path, per_class: dict[str, list], needed: int, roles:
     """At least two classes, each with at least ``needed`` images (one for each of ``roles``)."""
     for name, found in per_class.items():
         if not found:
-            raise DataError(f"class folder {folder / name} holds no usable images ({', '.join(IMAGE_EXTENSIONS[:3])}, "
+            raise DataError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, "
                             f"...); add images to it or remove it.")
     if len(per_class) < 2:
         (only,) = per_class
