@@ -522,11 +522,38 @@ def _numpy_globals() -> list:
     return allowed
 
 
-def _unsafe_name(err: Exception) -> str:
+def _unsafe_name(path: Path, err: Exception) -> str | None:
+    """The first function or class a refused pickle names that is not a tensor or container
+    (``"builtins.open"``), read from the pickle's opcodes without executing any; ``None`` if none."""
+    import pickletools
     import re
+    import zipfile
 
-    found = re.search(r"(?:Unsupported global: GLOBAL|Unsupported operand|global) ?([\w.]+)", str(err))
-    return f" ({found.group(1)})" if found else ""
+    found: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:
+        pass  # a damaged stream: keep what was found before the damage
+    plain = ("torch.", "collections.OrderedDict", "numpy.core.multiarray._reconstruct",
+             "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype", "_codecs.encode")
+    unsafe = [g for g in found if not g.startswith(plain)]
+    if unsafe:
+        return unsafe[0]
+    named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return named.group(1) if named else None
 
 
 def _load_pt(path: Path) -> dict:
@@ -534,7 +561,9 @@ def _load_pt(path: Path) -> dict:
     import pickle
 
     def load():
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
+            return torch.load(path, map_location="cpu", weights_only=True)
 
     try:
         try:
@@ -543,9 +572,13 @@ def _load_pt(path: Path) -> dict:
             with torch.serialization.safe_globals(_numpy_globals()):  # an old last.pt with NumPy random state
                 return load()
     except pickle.UnpicklingError as err:
+        code = _unsafe_name(path, err)
+        if code is None:
+            raise CheckpointError(f"{path} is not readable: it is corrupt or not a checkpoint file; copy it again or "
+                                  f"pick another checkpoint.") from None
         raise CheckpointError(
-            f"{path} was not loaded because it asks to run code or build objects other than tensors and plain "
-            f"values{_unsafe_name(err)}; it is not a vitcourse checkpoint, so do not use it."
+            f"{path} was not loaded because it asks to run code ({code}) or build objects other than tensors and "
+            f"plain values; it is not a vitcourse checkpoint, so do not use it."
         ) from None
     except Exception:
         raise CheckpointError(f"{path} is not readable: it is truncated, corrupt or not a PyTorch file; "
