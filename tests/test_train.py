@@ -411,3 +411,125 @@ def test_cli_model_option_picks_the_network():
     assert cfg.model == "ultimus_repaired" and cfg.schedule == "onecycle"
     assert size(build_model(cfg.replace(model="ultimus"), 10)) == SPEC_NUM_PARAMETERS
     assert size(build_model(cfg, 10)) > SPEC_NUM_PARAMETERS  # the repair adds BatchNorm to the stem
+
+
+# --------------------------------------------------------------------------- the split is part of the run (issue 13)
+
+
+def _folder(root: Path, counts: dict[str, int]) -> Path:
+    from PIL import Image
+
+    for k, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (12, 12), (10 * i % 256, 120 * k % 256, 60)).save(root / name / f"{i}.png")
+    return root
+
+
+FOLDER_CFG = TINY.replace(subset=None, batch_size=8, epochs=2, augment="none")
+
+
+def test_resume_refuses_a_folder_whose_files_changed_and_never_moves_a_test_image(tmp_path):
+    folder = _folder(tmp_path / "imgs", {"disk": 20, "square": 20})
+    cfg = FOLDER_CFG.replace(data=str(folder), max_steps=2)
+    train(cfg, tmp_path / "run", progress=False)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert len(split["files"]) == 40 and len(split["test"]) == 4
+    assert set(split["train"]).isdisjoint(split["test"]) and set(split["val"]).isdisjoint(split["test"])
+    # the issue's case: a file deleted (as an error message once said), then --resume
+    (folder / split["train"][0]).unlink()
+    with pytest.raises(ConfigMismatch, match=r"image folder changed since this run started \(1 removed: "
+                                             + split["train"][0].replace(".", r"\.")):
+        train(cfg.replace(max_steps=4), tmp_path / "run", progress=False)
+    _folder(folder, {"disk": 20})  # restored: resuming continues on the recorded split
+    assert train(cfg.replace(max_steps=4), tmp_path / "run", progress=False)[-1]["step"] == 4
+    # a changed file (same name, other pixels) and an added one are refused too
+    from PIL import Image
+
+    Image.new("RGB", (12, 12), (1, 2, 3)).save(folder / split["test"][0])
+    Image.new("RGB", (12, 12), (3, 2, 1)).save(folder / "square" / "new.png")
+    with pytest.raises(ConfigMismatch, match="1 added: square/new.png; 1 changed: " + split["test"][0]):
+        train(cfg.replace(max_steps=6), tmp_path / "run", progress=False)
+
+
+def test_a_resumed_run_never_starts_without_its_split_record(tmp_path):
+    train(TINY.replace(max_steps=2), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "split.json").unlink()
+    with pytest.raises(ConfigMismatch, match="split.json is missing or damaged"):
+        train(TINY.replace(max_steps=4), tmp_path / "run", progress=False)
+
+
+def test_cli_resume_without_a_run_and_old_format_runs_are_errors(tmp_path, capsys):
+    from vitcourse.train import main
+
+    common = ["--config", "quick", "--data", "synthetic", "--subset", "256", "--max-steps", "1", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no run to resume; leave out --resume" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "nothing").exists()  # nothing was started
+    (tmp_path / "old").mkdir()
+    torch.save({"config": {}}, tmp_path / "old" / "last.pt")
+    assert main([*common, "--out", str(tmp_path / "old")]) == 2
+    assert "older vitcourse" in capsys.readouterr().err
+
+
+def test_bad_images_stop_training_before_the_first_step_unless_skipped(tmp_path, capsys):
+    from vitcourse.train import main
+
+    folder = _folder(tmp_path / "imgs", {"disk": 10, "square": 10})
+    data = (folder / "disk" / "3.png").read_bytes()
+    (folder / "disk" / "3.png").write_bytes(data[: len(data) // 2])  # truncated
+    (folder / "square" / "._1.png").write_bytes(b"AppleDouble")  # skipped: never an error
+    args = ["--config", "quick", "--data", str(folder), "--epochs", "1", "--batch-size", "4", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "disk/3.png" in err and "--skip-bad-images" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a" / "resume.pt").exists()
+    assert main([*args, "--out", str(tmp_path / "b"), "--skip-bad-images"]) == 0
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "skipped 1 AppleDouble ._* files, 1 corrupt images" in log
+    assert "disk/3.png" not in json.loads((tmp_path / "b" / "split.json").read_text())["files"]
+
+
+def test_non_finite_metrics_are_written_as_null_with_a_warning(tmp_path, monkeypatch):
+    import vitcourse.train as train_module
+
+    real = train_module.evaluate_model
+    monkeypatch.setattr(train_module, "evaluate_model", lambda *a, **k: {**real(*a, **k), "loss": float("nan")})
+    rows = train(TINY.replace(epochs=1), tmp_path / "run", progress=False)
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))["val_loss"] is None
+    assert rows[0]["val_loss"] is None
+    assert "warning: val_loss of epoch 1 is not a finite number" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_only_process_zero_prepares_the_data_and_the_others_wait(tmp_path, monkeypatch):
+    """The order under torchrun, with the collectives replaced by a recording stand-in."""
+    import vitcourse.train as train_module
+
+    events = []
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(train_module.dist, "barrier", lambda: events.append("barrier"))
+    monkeypatch.setattr(train_module.dist, "broadcast_object_list", lambda objs, src, device: events.append("broadcast"))
+    monkeypatch.setattr(train_module, "build_data", lambda cfg, **kw: events.append("load") or "data")
+    assert train_module._load_data(TINY, train_module._Dist(rank=0, world=2), False) == "data"
+    assert events == ["load", "barrier", "broadcast"]
+    events.clear()
+    assert train_module._load_data(TINY, train_module._Dist(rank=1, world=2), False) == "data"
+    assert events == ["barrier", "broadcast", "load"]
+
+    # a failure on process 0 reaches the others as the same one-sentence error (none waits forever)
+    def fail(cfg, **kw):
+        raise train_module.DataError("CIFAR-10 is not in /x; allow downloads.")
+
+    monkeypatch.setattr(train_module, "build_data", fail)
+    with pytest.raises(train_module.DataError, match="CIFAR-10 is not in /x"):
+        train_module._load_data(TINY, train_module._Dist(rank=0, world=2), False)
+
+    def told(objs, src, device):
+        objs[0] = (True, "CIFAR-10 is not in /x; allow downloads.")
+
+    monkeypatch.setattr(train_module.dist, "broadcast_object_list", told)
+    monkeypatch.setattr(train_module, "build_data", lambda cfg, **kw: pytest.fail("rank 1 loaded after rank 0 failed"))
+    with pytest.raises(train_module.DataError, match="CIFAR-10 is not in /x"):
+        train_module._load_data(TINY, train_module._Dist(rank=1, world=2), False)
