@@ -563,7 +563,8 @@ def _load_pt(path: Path) -> dict:
     def load():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as f:  # a file object: the format is read from the bytes, not the file's name
+                return torch.load(f, map_location="cpu", weights_only=True)
 
     try:
         try:
