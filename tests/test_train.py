@@ -533,3 +533,19 @@ def test_only_process_zero_prepares_the_data_and_the_others_wait(tmp_path, monke
     monkeypatch.setattr(train_module, "build_data", lambda cfg, **kw: pytest.fail("rank 1 loaded after rank 0 failed"))
     with pytest.raises(train_module.DataError, match="CIFAR-10 is not in /x"):
         train_module._load_data(TINY, train_module._Dist(rank=1, world=2), False)
+
+
+def test_torchrun_a_data_error_on_process_zero_stops_every_process(tmp_path):
+    """Two gloo processes, an image folder with a corrupt file: both stop with the sentence, none waits forever."""
+    folder = _folder(tmp_path / "imgs", {"disk": 6, "square": 6})
+    (folder / "disk" / "bad.png").write_bytes(b"not a png")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vitcourse.train", "--config", "quick", "--data", str(folder), "--batch-size", "4",
+                           "--max-steps", "1", "--out", str(tmp_path / "run"), "--no-progress"],
+                          env=_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    # torchrun stops the other process once one has failed, so one or two copies of the sentence, and no hang
+    assert 1 <= len(errors) <= 2, done.stderr[-3000:]
+    assert all("disk/bad.png" in e and "--skip-bad-images" in e for e in errors), done.stderr[-3000:]
+    assert not (tmp_path / "run" / "resume.pt").exists()
