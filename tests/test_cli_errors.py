@@ -429,3 +429,14 @@ def test_module_commands_have_the_same_options(tmp_path):
         via = vitcourse(tmp_path, command, "--help")
         options = [sorted(w for w in out.split() if w.startswith("--")) for out in (direct.stdout, via.stdout)]
         assert direct.returncode == via.returncode == 0 and options[0] == options[1]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("train", "--epochs", "abc"), "invalid int value: 'abc'"),
+    (("train", "--no-such-option"), "unrecognized arguments: --no-such-option"),
+    (("evaluate",), "required: checkpoint"),
+    ((), "required: COMMAND"),
+    (("fly",), "invalid choice: 'fly'"),
+])
+def test_argument_errors_are_one_line_too(tmp_path, args, needle):
+    assert_one_sentence(vitcourse(tmp_path, *args), needle, "--help")

@@ -449,3 +449,10 @@ def test_the_split_of_a_file_does_not_depend_on_the_other_files(tmp_path):
     # one file less: no remaining file moves from train into test (the order is a hash of each file's own path)
     assert not (set(before["train"]) & set(after["test"]))
     assert set(after["test"]) <= set(before["test"])
+
+
+def test_a_link_loop_inside_a_class_reads_each_image_once(tmp_path):
+    root = _image_folder(tmp_path / "imgs", {"a": 5, "b": 5})
+    (root / "a" / "again").symlink_to(root / "a", target_is_directory=True)  # a/again/again/... forever
+    bundle = load_data(str(root), image_size=8)
+    assert len(bundle.split_record()["files"]) == 10

@@ -38,6 +38,14 @@ class UsageError(ValueError):
     """Bad input to a subcommand: printed as one line, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors (unknown option, missing value, ``--epochs abc``) are one
+    line on stderr, exit code 2, pointing to ``--help`` instead of printing the whole usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message}; see '{self.prog} --help'.\n")
+
+
 def command(name: str, help: str, args: list | None = None, example: str = "") -> Callable:
     """Register a subcommand ``name``; ``args`` is a list of ``(flags, kwargs)`` for ``add_argument``,
     ``example`` a command line shown by its ``--help``."""
@@ -205,7 +213,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """
     import importlib
 
-    parser = argparse.ArgumentParser(prog="vitcourse", description="Tools of the course 'Vision Transformers from scratch'.",
+    parser = Parser(prog="vitcourse", description="Tools of the course 'Vision Transformers from scratch'.",
                                      epilog="Run 'vitcourse COMMAND --help' for a command's options and an example.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = None if argv is None else next((a for a in argv if not a.startswith("-")), "")

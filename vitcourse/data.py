@@ -89,7 +89,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 CIFAR_URL_HINT = "https://www.cs.toronto.edu/~kriz/cifar.html"
 DOWNLOAD_TIMEOUT = 60.0
 """Seconds a download waits for the server before it gives up (so the offline fallback cannot hang)."""
-DOWNLOAD_DEADLINE = float(os.environ.get("VITCOURSE_DOWNLOAD_DEADLINE") or 1800.0)
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+DOWNLOAD_DEADLINE = _env_seconds("VITCOURSE_DOWNLOAD_DEADLINE", 1800.0)
 """Seconds a whole download may take (``$VITCOURSE_DOWNLOAD_DEADLINE``, default 30 minutes)."""
 
 
@@ -486,7 +494,7 @@ def download_file(url: str, dest: str | os.PathLike, *, timeout: float | None = 
                 digest.update(chunk)
         if md5 is not None and digest.hexdigest() != md5:
             raise ValueError("the downloaded file fails its checksum")
-        os.replace(tmp, dest)
+        os.replace(tmp, dest)  # streamed to disk (170 MB), so not utils.atomic_write, which takes the bytes
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -587,8 +595,13 @@ def _inventory(path: Path) -> tuple[list[str], dict[str, list[Path]], Counter]:
         raise DataError(f"image folder {path} has no class sub-folders; put each class's images in {path}/<class>/.")
     files: dict[str, list[Path]] = {}
     for name in classes:
-        found = []
+        found, seen = [], set()
         for folder, dirs, names in os.walk(path / name, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:  # a linked folder already read (or a link loop): its files once only
+                dirs[:] = []
+                continue
+            seen.add(real)
             hidden = [d for d in dirs if d.startswith(".") or d == "__MACOSX"]
             skipped["hidden files and folders"] += len(hidden)
             dirs[:] = sorted(d for d in dirs if d not in hidden)  # not descended into
@@ -622,6 +635,7 @@ def _check_image(file: Path) -> tuple[str | None, str]:
             image.verify()
         with Image.open(io.BytesIO(data)) as image:
             image.load()
+            image.convert("RGB")  # what training does with it (fails for some exotic modes)
     except Exception:  # Pillow raises many types for broken files (OSError, SyntaxError, ValueError, ...)
         return "corrupt", ""
     return None, hashlib.sha256(data).hexdigest()

@@ -183,8 +183,10 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str = "python -m vitcourse.evaluate") -> int:
     """Entry point of ``python -m vitcourse.evaluate`` (and ``vitcourse evaluate``); returns the exit code."""
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=epilog(prog),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cli import Parser  # errors in one line
+
+    parser = Parser(prog=prog, description=DESCRIPTION, epilog=epilog(prog),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     return run(add_arguments(parser).parse_args(argv))
 
 

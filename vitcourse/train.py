@@ -1113,8 +1113,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _parser(prog: str = "python -m vitcourse.train") -> argparse.ArgumentParser:
-    return add_arguments(argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=epilog(prog),
-                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
+    from .cli import Parser  # errors in one line
+
+    return add_arguments(Parser(prog=prog, description=DESCRIPTION, epilog=epilog(prog),
+                                formatter_class=argparse.RawDescriptionHelpFormatter))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
