@@ -124,10 +124,11 @@ def test_a_checkpoint_that_runs_code_is_refused_and_runs_nothing(tmp_path, capsy
     assert "was not loaded because it asks to run code" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_a_malicious_checkpoint_through_the_real_command_line_creates_no_file(tmp_path):
-    path = _evil_files(tmp_path)["torch.save zip"]
+@pytest.mark.parametrize("command", [["vitcourse.evaluate"], ["vitcourse", "evaluate"]])
+def test_a_malicious_checkpoint_through_the_real_command_line_creates_no_file(tmp_path, command):
+    path = _evil_files(tmp_path)["torch.save zip"]  # the case: python -m vitcourse.evaluate evil.pt
     repo = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-m", "vitcourse", "evaluate", str(path)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", *command, str(path)], capture_output=True, text=True,
                           timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), "VITCOURSE_OFFLINE": "1"})
     assert done.returncode == 2 and not (tmp_path / "pwned").exists()
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
