@@ -170,6 +170,19 @@ def test_training_learns_and_writes_outputs(tmp_path):
     for name in ("last.safetensors", "best.safetensors", "resume.pt", "split.json"):
         assert (tmp_path / "run" / name).exists(), name
     assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == ["resume.pt"]  # no best.pt / last.pt
+    # the shareable files carry the run's information as JSON in the safetensors metadata
+    from safetensors import safe_open
+
+    from vitcourse.train import load_checkpoint
+
+    with safe_open(str(tmp_path / "run" / "best.safetensors"), "pt") as f:
+        info = json.loads(f.metadata()["vitcourse"])
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert info["config"] == TINY.replace(epochs=4).to_dict() and info["classes"][0] == "disk"
+    assert info["epoch"] == best["epoch"] and info["metrics"] == best and info["source"] == "synthetic"
+    last = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert last["metrics"] == rows[-1] and last["epoch"] == 4 and last["finished"]
+    _assert_same_weights(tmp_path / "run" / "last.safetensors", tmp_path / "run" / "resume.pt")
     assert "data synthetic" in (tmp_path / "run" / "train.log").read_text()
     # lr is the rate of each epoch's last step (8 steps an epoch), not the next step's
     rates = learning_rates(TINY.replace(epochs=4), steps_per_epoch=8)

@@ -619,7 +619,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     Returns:
         A dict with ``model`` (the state dict: name -> tensor), ``config`` (a :class:`TrainConfig`
         as a dict), ``classes``, ``source``, ``mean``, ``std``, ``model_name`` and, where known,
-        ``epoch`` (epochs behind the weights), ``step`` and ``val_acc``; ``resume.pt`` (and an
+        ``epoch`` (epochs behind the weights), ``step``, ``val_acc`` and ``metrics`` (that epoch's
+        row of ``metrics.jsonl``); ``resume.pt`` (and an
         old ``last.pt``) also hold ``optimizer``, ``scheduler``, ``scaler``, ``state`` and ``rng``.
 
     Raises:
@@ -966,7 +967,8 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
                 "scaler": scaler.state_dict(), "state": state, "rng": rng, "finished": finished,
             }, resume_path)
             save_weights(out / LAST_FILE, weights, {**info, "kind": "last", "epoch": state["epoch"],
-                                                    "step": state["step"], "finished": finished})
+                                                    "step": state["step"], "finished": finished,
+                                                    "metrics": state["rows"][-1] if state["rows"] else None})
 
     budget = min(total_steps, cfg.max_steps or total_steps)
     bar = _progress_bar(progress and ctx.main, total=budget, initial=state["step"], desc=cfg.name)
@@ -1034,7 +1036,8 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
             state["best_val_acc"] = val["acc"] if improved else state["best_val_acc"]
             if ctx.main:
                 save_weights(out / BEST_FILE, _plain_weights(model), {
-                    **info, "kind": "best", "epoch": epoch + 1, "step": state["step"], "val_acc": val["acc"]})
+                    **info, "kind": "best", "epoch": epoch + 1, "step": state["step"], "val_acc": val["acc"],
+                    "metrics": row})
         # metrics.jsonl first: a kill between the two leaves an extra row that resuming rewrites away
         if ctx.main:
             for entry in _write_metrics(out, state["rows"]):
