@@ -220,6 +220,10 @@ def test_a_changed_image_folder_is_not_evaluated_as_the_runs_test_set(tmp_path):
     out = tmp_path / "run"
     train(CFG.replace(data=str(folder), subset=None, batch_size=4, image_size=32), out, progress=False)
     assert evaluate_checkpoint(out / "best.safetensors")["n"] == 2
+    alone = tmp_path / "shared" / "best.safetensors"  # the checkpoint shared without its run folder
+    alone.parent.mkdir()
+    alone.write_bytes((out / "best.safetensors").read_bytes())
+    assert evaluate_checkpoint(alone)["n"] == 2  # the folder is as it was: the stored split hash matches
     split = json.loads((out / "split.json").read_text())
     (folder / split["train"][0]).unlink()  # a training image less: the test images are still the run's
     assert evaluate_checkpoint(out / "best.safetensors")["n"] == 2
@@ -228,3 +232,17 @@ def test_a_changed_image_folder_is_not_evaluated_as_the_runs_test_set(tmp_path):
         evaluate_checkpoint(out / "best.safetensors")
     # explicitly other data: evaluated as asked
     assert evaluate_checkpoint(out / "best.safetensors", data=str(folder))["n"] == 2
+    # the checkpoint shared alone (no split.json beside it): the split's hash stored inside still guards it
+    with pytest.raises(ValueError, match="is not split as when"):
+        evaluate_checkpoint(alone)
+    for name in split["train"][:1] + split["test"][:1]:  # put the folder back as it was
+        Image.new("RGB", (8, 8)).save(folder / name)
+    with pytest.raises(ValueError, match="is not split as when"):  # same names, other pixels: still refused
+        evaluate_checkpoint(alone)
+
+
+def test_out_cannot_overwrite_the_checkpoint(tmp_path, capsys, run):
+    target = _copy(run, tmp_path)
+    assert main([str(target), "--out", str(target)]) == 2
+    assert "is the checkpoint itself" in capsys.readouterr().err
+    assert target.read_bytes() == (run / "best.safetensors").read_bytes()

@@ -29,6 +29,7 @@ from .data import DataBundle, DataError, load_data
 from .train import (
     SPLIT_FILE,
     CheckpointError,
+    _split_hash,
     TrainConfig,
     build_model,
     evaluate_model,
@@ -83,17 +84,24 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, data_root: st
         raise ValueError(f"{name} has {len(bundle.classes)} classes but the checkpoint was trained on "
                          f"{len(checkpoint['classes'])}; evaluate it on data with the same classes.")
     if own:
-        _check_test_split(Path(path), bundle)
+        _check_test_split(Path(path), bundle, checkpoint.get("split_sha256"))
     device = default_device()
     result = evaluate_model(model.to(device), bundle.test, batch_size, device, num_workers)
     return {"checkpoint": str(path), "data": bundle.source, "test_acc": result["acc"],
             "test_loss": result["loss"], "n": result["n"], "epoch": checkpoint.get("epoch")}
 
 
-def _check_test_split(path: Path, bundle: DataBundle) -> None:
-    """For an image folder: the test files must be the ones the run recorded in ``split.json``."""
+def _check_test_split(path: Path, bundle: DataBundle, split_sha256: str | None) -> None:
+    """For an image folder: the test files must be the ones the run recorded in ``split.json`` (or, for
+    a checkpoint without its run folder, the whole split must hash to the one stored in the checkpoint)."""
     record_path = path.parent / SPLIT_FILE
-    if not bundle.split.get("files") or not record_path.is_file():
+    if not bundle.split.get("files"):
+        return
+    if not record_path.is_file():
+        if split_sha256 is not None and _split_hash(bundle.split_record()) != split_sha256:
+            raise ValueError(f"the image folder {bundle.source.removeprefix('folder:')} is not split as when {path} was "
+                             f"trained (files were added, removed or changed), so its test images may include training "
+                             f"images; pass --data to evaluate on a folder of your choice.")
         return
     try:
         recorded = json.loads(record_path.read_text())
@@ -158,6 +166,9 @@ def _check_args(args: argparse.Namespace) -> None:
         out = Path(args.out).expanduser()
         if out.is_dir():
             raise ValueError(f"--out {out} is a folder; pass the path of a file to write the JSON result to.")
+        if out.exists() and out.resolve() == Path(args.checkpoint).expanduser().resolve():
+            raise ValueError(f"--out {out} is the checkpoint itself; writing the result there would destroy it, so "
+                             f"choose another file.")
         check_out_dir(out.parent if str(out.parent) else Path("."), flag="--out", data=folder)
 
 
