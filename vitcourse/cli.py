@@ -114,15 +114,15 @@ def check_out_dir(path: str | os.PathLike, *, flag: str = "--out", data: str | o
                                             "(default: $VITCOURSE_GRADING_SALT, else none)"}),
     (("--no-progress",), {"action": "store_true", "help": "no progress bar"}),
     (("--hidden",), {"type": Path, "default": None,
-                     "help": "folder of hidden checks to grade with (default: the ones shipped with vitcourse)"}),
+                     "help": "the hidden checks to grade with (default: the ones shipped with vitcourse)"}),
     (("--unsafe-no-sandbox",), {"action": "store_true",
                                 "help": "run student code without the sandbox (only for code you trust)"}),
 ], example="vitcourse grade submissions/ch01 --out grades/ch01")
 def _grade(ns: argparse.Namespace) -> int:
     check_input_dir(ns.submissions, "submissions", "a folder with one <student>.ipynb per student")
     check_out_dir(ns.out, data=ns.submissions, data_flag="the submissions folder")
-    if ns.hidden is not None:
-        check_input_dir(ns.hidden, "--hidden", "the folder of hidden checks")
+    if ns.hidden is not None and not ns.hidden.expanduser().exists():
+        raise UsageError(f"--hidden {ns.hidden} does not exist; pass the path of the hidden checks to grade with.")
     if ns.workers is not None and ns.workers < 1:
         raise UsageError("--workers must be at least 1.")
     if ns.time_limit is not None and not ns.time_limit > 0:
