@@ -15,7 +15,6 @@ from torchvision.datasets import CIFAR10
 from vitcourse.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
-    DOWNLOAD_TIMEOUT,
     DataError,
     denormalize,
     load_data,

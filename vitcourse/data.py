@@ -33,7 +33,6 @@ import contextlib
 import functools
 import hashlib
 import io
-import json
 import math
 import os
 import sys

@@ -22,7 +22,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .data import DataBundle, DataError, load_data
