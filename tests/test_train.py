@@ -522,14 +522,22 @@ def test_only_process_zero_prepares_the_data_and_the_others_wait(tmp_path, monke
 
     events = []
     monkeypatch.setattr(train_module.dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(train_module.dist, "barrier", lambda: events.append("barrier"))
-    monkeypatch.setattr(train_module.dist, "broadcast_object_list", lambda objs, src, device: events.append("broadcast"))
+    groups = []
+    monkeypatch.setattr(train_module.dist, "new_group", lambda **kw: groups.append(kw) or "long-timeout group")
+    monkeypatch.setattr(train_module.dist, "barrier", lambda group: events.append(("barrier", group)) or None)
+    monkeypatch.setattr(train_module.dist, "broadcast_object_list",
+                        lambda objs, src, group, device: events.append(("broadcast", group)))
     monkeypatch.setattr(train_module, "build_data", lambda cfg, **kw: events.append("load") or "data")
     assert train_module._load_data(TINY, train_module._Dist(rank=0, world=2), False) == "data"
-    assert events == ["load", "barrier", "broadcast"]
+    waits = [("barrier", "long-timeout group"), ("broadcast", "long-timeout group")]
+    assert events == ["load", *waits]
     events.clear()
     assert train_module._load_data(TINY, train_module._Dist(rank=1, world=2), False) == "data"
-    assert events == ["barrier", "broadcast", "load"]
+    assert events == [*waits, "load"]
+    # the waiting group outlasts a whole download (a healthy slow download must not time the others out)
+    from vitcourse.data import DOWNLOAD_DEADLINE
+
+    assert groups[0]["backend"] == "gloo" and groups[0]["timeout"].total_seconds() > DOWNLOAD_DEADLINE
 
     # a failure on process 0 reaches the others as the same one-sentence error (none waits forever)
     def fail(cfg, **kw):
@@ -539,7 +547,7 @@ def test_only_process_zero_prepares_the_data_and_the_others_wait(tmp_path, monke
     with pytest.raises(train_module.DataError, match="CIFAR-10 is not in /x"):
         train_module._load_data(TINY, train_module._Dist(rank=0, world=2), False)
 
-    def told(objs, src, device):
+    def told(objs, src, group, device):
         objs[0] = (True, "CIFAR-10 is not in /x; allow downloads.")
 
     monkeypatch.setattr(train_module.dist, "broadcast_object_list", told)

@@ -757,9 +757,19 @@ def _repair_last(out: Path, checkpoint: dict) -> None:
 def _load_data(cfg: TrainConfig, ctx: "_Dist", skip_bad_images: bool) -> DataBundle:
     """:func:`build_data`, process 0 first under ``torchrun``: it downloads or generates the data (under a
     file lock, see :func:`vitcourse.data.data_lock`) while the others wait at a barrier, then they load
-    the prepared copy. An error on process 0 is raised on every process, so none waits forever."""
+    the prepared copy. An error on process 0 is raised on every process, so none waits forever.
+
+    The barrier runs in a separate gloo group whose timeout outlasts the download's own deadline
+    (:data:`vitcourse.data.DOWNLOAD_DEADLINE`): the default group's timeout (10 minutes for NCCL)
+    would end a slow but healthy download with an unexplained collective timeout.
+    """
     if ctx.world == 1 or not dist.is_initialized():
         return build_data(cfg, skip_bad_images=skip_bad_images)
+    from datetime import timedelta
+
+    from .data import DOWNLOAD_DEADLINE
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=DOWNLOAD_DEADLINE + 600))
     failure: list = [None]
     data = None
     if ctx.main:
@@ -767,8 +777,8 @@ def _load_data(cfg: TrainConfig, ctx: "_Dist", skip_bad_images: bool) -> DataBun
             data = build_data(cfg, skip_bad_images=skip_bad_images)
         except (DataError, ValueError) as err:
             failure = [(isinstance(err, DataError), str(err))]
-    dist.barrier()  # the others start loading only once process 0 has prepared the data
-    dist.broadcast_object_list(failure, src=0, device=ctx.device)
+    dist.barrier(group=group)  # the others start loading only once process 0 has prepared the data
+    dist.broadcast_object_list(failure, src=0, group=group, device=torch.device("cpu"))
     if failure[0] is not None:
         is_data_error, message = failure[0]
         raise (DataError if is_data_error else ValueError)(message)
