@@ -255,6 +255,7 @@ def test_evaluate_a_malicious_safetensors_named_pt_and_a_pt_named_safetensors(tm
 @pytest.mark.parametrize("make, needle", [
     (lambda d, c: d / "missing.safetensors", "does not exist"),
     (lambda d, c: d, "is a folder, not a checkpoint file"),
+    (lambda d, c: Path("/dev/null"), "is not a regular file"),
     (lambda d, c: _empty(d), "not readable"),
     (lambda d, c: _truncated(c, d), "truncated or corrupt"),
     (lambda d, c: _flipped(c, d), "do not match the checksum"),

@@ -455,3 +455,21 @@ def test_a_link_loop_inside_a_class_reads_each_image_once(tmp_path):
     (root / "a" / "again").symlink_to(root / "a", target_is_directory=True)  # a/again/again/... forever
     bundle = load_data(str(root), image_size=8)
     assert len(bundle.split_record()["files"]) == 10
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_reported_not_silently_missing(tmp_path, monkeypatch):
+    import os
+
+    root = _image_folder(tmp_path / "imgs", {"a": 5, "b": 5})
+    _image_folder(root / "a", {"private": 3})
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # chmod 000 does not stop root, so the refusal is simulated
+        if os.fspath(path) == str(root / "a" / "private"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError, match=r"1 unreadable \(no read permission or a broken link: a/private\)"):
+        load_data(str(root), image_size=8)
+    assert load_data(str(root), image_size=8, skip_bad_images=True).skipped == {"unreadable images": 1}

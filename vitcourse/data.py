@@ -572,18 +572,23 @@ def _check_folder_path(path: Path) -> None:
         raise DataError(f"image folder {path} does not exist; pass a directory laid out as <folder>/<class>/<image>.")
 
 
-def _inventory(path: Path) -> tuple[list[str], dict[str, list[Path]], Counter]:
+def _inventory(path: Path) -> tuple[list[str], dict[str, list[Path]], Counter, list[Path]]:
     """Class folders of ``path`` and the candidate image files in each, without opening any.
 
     Skipped, and counted in the returned ``Counter``: hidden files and folders at any depth
     (names starting with ``.``; macOS's ``._name`` AppleDouble files are counted apart), the
     ``__MACOSX`` folders zip archives carry, files that are not images (by extension), and
-    files lying directly in ``path`` outside any class folder.
+    files lying directly in ``path`` outside any class folder. Also returns the sub-folders that
+    could not be listed (no permission): their images would otherwise be missing without a word.
     """
     _check_folder_path(path)
     skipped: Counter = Counter()
     classes = []
-    for entry in sorted(path.iterdir()):
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as err:
+        raise DataError(f"image folder {path} cannot be read ({err.strerror or err}); check its permissions.") from None
+    for entry in entries:
         if entry.name.startswith(".") or entry.name == "__MACOSX":
             skipped["hidden files and folders"] += 1
         elif entry.is_dir():
@@ -593,9 +598,11 @@ def _inventory(path: Path) -> tuple[list[str], dict[str, list[Path]], Counter]:
     if not classes:
         raise DataError(f"image folder {path} has no class sub-folders; put each class's images in {path}/<class>/.")
     files: dict[str, list[Path]] = {}
+    unlisted: list[Path] = []
     for name in classes:
         found, seen = [], set()
-        for folder, dirs, names in os.walk(path / name, followlinks=True):
+        for folder, dirs, names in os.walk(path / name, followlinks=True,
+                                           onerror=lambda err: unlisted.append(Path(err.filename))):
             real = os.path.realpath(folder)
             if real in seen:  # a linked folder already read (or a link loop): its files once only
                 dirs[:] = []
@@ -614,7 +621,7 @@ def _inventory(path: Path) -> tuple[list[str], dict[str, list[Path]], Counter]:
                 else:
                     found.append(Path(folder) / file)
         files[name] = sorted(found)
-    return classes, files, skipped
+    return classes, files, skipped, unlisted
 
 
 def _check_image(file: Path) -> tuple[str | None, str]:
@@ -682,22 +689,25 @@ def _scan(root: Path, parts: Sequence[str], skip_bad_images: bool):
     :class:`DataError` for bad files unless ``skip_bad_images`` (then they are counted as skipped).
     """
     inventories = {part: _inventory(root / part if part else root) for part in parts}
-    everything = [f for _, files, _ in inventories.values() for found in files.values() for f in found]
+    everything = [f for _, files, _, _ in inventories.values() for found in files.values() for f in found]
     checked = dict(zip(everything, _check_images(everything)))
     bad: dict[str, list[Path]] = {}
+    for _, _, _, unlisted in inventories.values():  # folders that could not be listed count as unreadable
+        bad.setdefault("unreadable", []).extend(unlisted)
     for f, (problem, _) in checked.items():
         if problem is not None:
             bad.setdefault(problem, []).append(f)
+    bad = {kind: paths for kind, paths in bad.items() if paths}
     skipped: Counter = Counter()
-    for _, _, counts in inventories.values():
+    for _, _, counts, _ in inventories.values():
         skipped.update(counts)
     if bad and not skip_bad_images:
         raise DataError(_bad_images_message(root, bad, len(everything)))
     for kind, paths in bad.items():
         skipped[f"{kind} images"] += len(paths)
     good = {part: {name: [(f, checked[f][1]) for f in found if checked[f][0] is None] for name, found in files.items()}
-            for part, (_, files, _) in inventories.items()}
-    return {part: classes for part, (classes, _, _) in inventories.items()}, good, skipped
+            for part, (_, files, _, _) in inventories.items()}
+    return {part: classes for part, (classes, _, _, _) in inventories.items()}, good, skipped
 
 
 def _check_classes(folder: Path, per_class: dict[str, list], needed: int, roles: str) -> None:

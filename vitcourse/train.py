@@ -631,8 +631,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if path.is_dir():
         hint = f"; pass {path / BEST_FILE}" if (path / BEST_FILE).exists() else ""
         raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint or '; pass the path of a ' + BEST_FILE + ' file'}.")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a {BEST_FILE} file written by training.")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a regular file (a device, pipe or socket); pass the path of a "
+                              f"{BEST_FILE} file written by training.")
     try:
         with open(path, "rb") as f:
             head = f.read(9)
