@@ -145,20 +145,21 @@ def _grade(ns: argparse.Namespace) -> int:
 
 
 def _notebooks_dir(given: Path | None, flag: str) -> Path:
-    """The notebooks folder: ``given``, else ``./notebooks``, else the source checkout's; one sentence if absent."""
+    """The notebooks folder: ``given``, else the source checkout's, else ``./notebooks`` (an installed
+    package has no checkout); one sentence if there is none."""
     if given is not None:
         return check_input_dir(given, flag, "the course's notebooks folder (with solutions/ inside)")
-    for candidate in (Path("notebooks"), REPO_NOTEBOOKS):
+    for candidate in (REPO_NOTEBOOKS, Path("notebooks")):
         if (candidate / "solutions").is_dir():
             return candidate
-    raise UsageError(f"no notebooks folder found (neither ./notebooks nor {REPO_NOTEBOOKS}); run this in a checkout "
+    raise UsageError(f"no notebooks folder found (neither {REPO_NOTEBOOKS} nor ./notebooks); run this in a checkout "
                      f"of the course repository or pass {flag} PATH.")
 
 
 @command("student-pack", help="write the student notebooks and what they need (no solutions, no hidden checks)",
          args=[(("--out",), {"type": Path, "required": True, "help": "folder to create"}),
                (("--notebooks",), {"type": Path, "default": None,
-                                   "help": "the course's notebooks folder (default: ./notebooks or the checkout's)"})],
+                                   "help": "the course's notebooks folder (default: the checkout's, else ./notebooks)"})],
          example="vitcourse student-pack --out pack")
 def _student_pack(ns: argparse.Namespace) -> int:
     notebooks = _notebooks_dir(ns.notebooks, "--notebooks")
@@ -175,7 +176,7 @@ def _student_pack(ns: argparse.Namespace) -> int:
 
 @command("notebooks", help="regenerate the student exercise notebooks from the solution notebooks", args=[
     (("--check",), {"action": "store_true", "help": "only report notebooks that are out of date (exit 1 if any)"}),
-    (("--dir",), {"type": Path, "default": None, "help": "the notebooks folder (default: ./notebooks or the checkout's)"}),
+    (("--dir",), {"type": Path, "default": None, "help": "the notebooks folder (default: the checkout's, else ./notebooks)"}),
 ], example="vitcourse notebooks --check")
 def _notebooks(ns: argparse.Namespace) -> int:
     ns.dir = _notebooks_dir(ns.dir, "--dir")
