@@ -30,10 +30,10 @@ def run(tmp_path_factory):
 
 
 def test_accuracy_matches_a_manual_count(run):
-    result = evaluate_checkpoint(run / "best.pt")
+    result = evaluate_checkpoint(run / "best.safetensors")
     assert result["data"] == "synthetic" and result["n"] == 4000 and result["epoch"] == 1
     # independent count: forward every test image one batch at a time, compare argmax with the labels
-    model, cfg, _ = load_trained(run / "best.pt")
+    model, cfg, _ = load_trained(run / "best.safetensors")
     test = build_data(cfg).test
     images = torch.stack([test[i][0] for i in range(len(test))])
     labels = torch.tensor([test[i][1] for i in range(len(test))])
@@ -46,13 +46,13 @@ def test_accuracy_matches_a_manual_count(run):
 def test_command_line_prints_json(run):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "VITCOURSE_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "vitcourse.evaluate", str(run / "last.pt")], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "vitcourse.evaluate", str(run / "last.safetensors")], capture_output=True,
                           text=True, timeout=300, cwd=repo, env=env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert set(result) == {"checkpoint", "data", "test_acc", "test_loss", "n", "epoch"}
     assert 0.0 <= result["test_acc"] <= 1.0
-    assert result["epoch"] == 1  # last.pt keeps it in the run's state, best.pt at the top
+    assert result["epoch"] == 1
 
 
 def test_errors_are_one_clear_line(tmp_path, capsys, run):
@@ -64,22 +64,185 @@ def test_errors_are_one_clear_line(tmp_path, capsys, run):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     assert main([str(tmp_path / "other.pt")]) == 2
     assert "not a vitcourse training checkpoint" in capsys.readouterr().err
-    assert main([str(run / "best.pt"), "--data", str(tmp_path / "no-such-folder")]) == 2
+    assert main([str(run / "best.safetensors"), "--data", str(tmp_path / "no-such-folder")]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
 
 
 def test_corrupt_image_in_a_worker_process_is_one_line(tmp_path, run):
-    for k in range(10):  # as many classes as the synthetic run, one unreadable image each
+    from PIL import Image
+
+    for k in range(10):  # as many classes as the synthetic run, good images, then damaged after the check
         (tmp_path / "imgs" / f"class{k}").mkdir(parents=True)
-        (tmp_path / "imgs" / f"class{k}" / "0.png").write_bytes(b"not a png")
+        for i in range(3):
+            Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / f"class{k}" / f"{i}.png")
+    (tmp_path / "imgs" / "class3" / "0.png").write_bytes(b"not a png")
     # A fresh process: DataLoader workers are forked, and forking a test process that has
     # imported JAX (multithreaded) can deadlock.
     result = subprocess.run(
-        [sys.executable, "-m", "vitcourse.evaluate", str(run / "best.pt"), "--data", str(tmp_path / "imgs"),
+        [sys.executable, "-m", "vitcourse.evaluate", str(run / "best.safetensors"), "--data", str(tmp_path / "imgs"),
          "--num-workers", "1"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "VITCOURSE_OFFLINE": "1"},
     )
     assert result.returncode == 2, result.stderr
     err = result.stderr
-    assert "cannot read image" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # found before any image is evaluated, named, with the flag that leaves it out
+    assert "class3/0.png" in err and "--skip-bad-images" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------- safe loading (issue 13)
+
+
+class _Evil:
+    """Unpickling this calls ``open(MARKER, "w")``: it is how a hostile checkpoint would run code."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _evil_files(tmp_path) -> dict[str, Path]:
+    import pickle
+
+    marker = tmp_path / "pwned"
+    _Evil.marker = str(marker)
+    files = {"raw pickle": tmp_path / "evil.pkl", "torch.save zip": tmp_path / "evil.pt"}
+    files["raw pickle"].write_bytes(pickle.dumps({"config": {}, "model": _Evil()}))
+    torch.save({"config": {}, "model": {"w": torch.zeros(1)}, "classes": ["a"], "extra": _Evil()}, files["torch.save zip"])
+    assert not marker.exists()
+    return files
+
+
+@pytest.mark.parametrize("kind", ["raw pickle", "torch.save zip"])
+def test_a_checkpoint_that_runs_code_is_refused_and_runs_nothing(tmp_path, capsys, kind):
+    path = _evil_files(tmp_path)[kind]
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists(), "the checkpoint's code ran"
+    assert "was not loaded because it asks to run code" in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("command", [["vitcourse.evaluate"], ["vitcourse", "evaluate"]])
+def test_a_malicious_checkpoint_through_the_real_command_line_creates_no_file(tmp_path, command):
+    path = _evil_files(tmp_path)["torch.save zip"]  # the issue's case: python -m vitcourse.evaluate evil.pt
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", *command, str(path)], capture_output=True, text=True,
+                          timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), "VITCOURSE_OFFLINE": "1"})
+    assert done.returncode == 2 and not (tmp_path / "pwned").exists()
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def _copy(run, tmp_path, name="best.safetensors") -> Path:
+    target = tmp_path / name
+    target.write_bytes((run / name).read_bytes())
+    return target
+
+
+def test_damaged_or_foreign_files_are_one_sentence(tmp_path, capsys, run):
+    from safetensors.torch import load_file, save_file
+
+    cases = {}
+    truncated = _copy(run, tmp_path)
+    truncated.write_bytes(truncated.read_bytes()[:-1000])
+    cases["truncated"] = (truncated, "truncated or corrupt")
+    flipped = tmp_path / "flipped.safetensors"
+    data = bytearray((run / "best.safetensors").read_bytes())
+    for i in range(4):  # 4 corrupted bytes inside the weights: loads, but the checksum catches it
+        data[-100 - 7 * i] ^= 0xFF
+    flipped.write_bytes(bytes(data))
+    cases["flipped"] = (flipped, "do not match the checksum")
+    timm_like = tmp_path / "timm.safetensors"
+    save_file({"patch_embed.proj.weight": torch.zeros(2, 3, 4, 4)}, str(timm_like))
+    cases["timm weights"] = (timm_like, "no vitcourse run information")
+    state = torch.load(run / "resume.pt", weights_only=True)
+    for name, change in {
+        "unknown config key": lambda c: c["config"].update(colour="blue"),
+        "no classes": lambda c: c.pop("classes"),
+        "missing weight": lambda c: c["model"].pop(next(iter(c["model"]))),
+    }.items():
+        edited = {**state, "config": dict(state["config"]), "model": dict(state["model"])}
+        edited.pop("weights_sha256")
+        change(edited)
+        torch.save(edited, tmp_path / f"{name}.pt")
+        cases[name] = (tmp_path / f"{name}.pt", {"unknown config key": "settings this vitcourse does not know (colour)",
+                                                "no classes": "has no 'classes' entry",
+                                                "missing weight": "do not fit the model"}[name])
+    cases["folder"] = (run, "is a folder, not a checkpoint file; pass")
+    assert set(load_file(run / "best.safetensors")) == set(state["model"])
+    for name, (path, message) in cases.items():
+        assert main([str(path)]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (name, err)
+
+
+def test_old_pt_checkpoints_load_through_the_safe_path_and_convert(tmp_path, run):
+    import numpy as np
+
+    from vitcourse.train import convert_checkpoint, load_checkpoint
+
+    new = load_checkpoint(run / "best.safetensors")
+    old = {"config": new["config"], "model": new["model"], "epoch": 1, "val_acc": 0.1, "classes": tuple(new["classes"]),
+           "source": "synthetic", "mean": tuple(new["mean"]), "std": tuple(new["std"]), "model_name": "vit",
+           "state": {"epoch": 1}, "rng": [{"numpy": np.random.get_state()}]}  # the old last.pt kept NumPy arrays
+    torch.save(old, tmp_path / "last.pt")
+    loaded = load_checkpoint(tmp_path / "last.pt")
+    assert loaded["epoch"] == 1 and list(loaded["classes"]) == list(new["classes"])
+    converted = convert_checkpoint(tmp_path / "last.pt", tmp_path / "converted.safetensors")
+    a, b = evaluate_checkpoint(converted), evaluate_checkpoint(run / "best.safetensors")
+    assert a["test_acc"] == b["test_acc"] and a["test_loss"] == b["test_loss"]
+
+
+def test_non_finite_results_are_null_with_a_warning(tmp_path, capsys, run):
+    from vitcourse.train import load_checkpoint, save_weights
+
+    checkpoint = load_checkpoint(run / "best.safetensors")
+    weights = {k: v.clone() for k, v in checkpoint.pop("model").items()}
+    head = next(k for k in weights if k.endswith("weight") and "head" in k)
+    weights[head].fill_(float("inf"))  # a diverged model: a valid file, but NaN logits
+    save_weights(tmp_path / "best.safetensors", weights, {k: v for k, v in checkpoint.items() if k != "weights_sha256"})
+    assert main([str(tmp_path / "best.safetensors"), "--out", str(tmp_path / "result.json")]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out, parse_constant=lambda c: pytest.fail(f"{c} is not strict JSON"))
+    assert result["test_loss"] is None and json.loads((tmp_path / "result.json").read_text()) == result
+    assert "test_loss is not a finite number" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_a_changed_image_folder_is_not_evaluated_as_the_runs_test_set(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    for k, name in enumerate(("a", "b")):
+        (folder / name).mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (8, 8), (20 * i, 100 * k, 50)).save(folder / name / f"{i}.png")
+    out = tmp_path / "run"
+    train(CFG.replace(data=str(folder), subset=None, batch_size=4, image_size=32), out, progress=False)
+    assert evaluate_checkpoint(out / "best.safetensors")["n"] == 2
+    alone = tmp_path / "shared" / "best.safetensors"  # the checkpoint shared without its run folder
+    alone.parent.mkdir()
+    alone.write_bytes((out / "best.safetensors").read_bytes())
+    assert evaluate_checkpoint(alone)["n"] == 2  # the folder is as it was: the stored split hash matches
+    split = json.loads((out / "split.json").read_text())
+    (folder / split["train"][0]).unlink()  # a training image less: the test images are still the run's
+    assert evaluate_checkpoint(out / "best.safetensors")["n"] == 2
+    (folder / split["test"][0]).unlink()  # a test image less: another image, maybe a training one, would take its place
+    with pytest.raises(ValueError, match="image folder changed since training"):
+        evaluate_checkpoint(out / "best.safetensors")
+    # explicitly other data: evaluated as asked
+    assert evaluate_checkpoint(out / "best.safetensors", data=str(folder))["n"] == 2
+    # the checkpoint shared alone (no split.json beside it): the split's hash stored inside still guards it
+    with pytest.raises(ValueError, match="is not split as when"):
+        evaluate_checkpoint(alone)
+    for name in split["train"][:1] + split["test"][:1]:  # put the folder back as it was
+        Image.new("RGB", (8, 8)).save(folder / name)
+    with pytest.raises(ValueError, match="is not split as when"):  # same names, other pixels: still refused
+        evaluate_checkpoint(alone)
+
+
+def test_out_cannot_overwrite_the_checkpoint(tmp_path, capsys, run):
+    target = _copy(run, tmp_path)
+    assert main([str(target), "--out", str(target)]) == 2
+    assert "is the checkpoint itself" in capsys.readouterr().err
+    assert target.read_bytes() == (run / "best.safetensors").read_bytes()

@@ -68,9 +68,21 @@ def _without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
 
 
+def _weights(path: Path) -> dict:
+    """The tensors of a checkpoint, read without pickle (safetensors) or with weights_only=True (resume.pt)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _resume_state(run: Path) -> dict:
+    return torch.load(run / "resume.pt", weights_only=True)  # plain values and tensors only
+
+
 def _assert_same_weights(a: Path, b: Path) -> None:
-    wa = torch.load(a, weights_only=False)["model"]
-    wb = torch.load(b, weights_only=False)["model"]
+    wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0, msg=f"parameter {k} differs")
@@ -155,7 +167,22 @@ def test_training_learns_and_writes_outputs(tmp_path):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     # above chance (10%, +-2% on 200 images) and below the initial loss ln(10) = 2.30 after 32 tiny steps
     assert rows[-1]["val_acc"] > 0.15 and rows[-1]["val_loss"] < 2.25
-    assert (tmp_path / "run" / "last.pt").exists() and (tmp_path / "run" / "best.pt").exists()
+    for name in ("last.safetensors", "best.safetensors", "resume.pt", "split.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert sorted(p.name for p in (tmp_path / "run").glob("*.pt")) == ["resume.pt"]  # no best.pt / last.pt
+    # the shareable files carry the run's information as JSON in the safetensors metadata
+    from safetensors import safe_open
+
+    from vitcourse.train import load_checkpoint
+
+    with safe_open(str(tmp_path / "run" / "best.safetensors"), "pt") as f:
+        info = json.loads(f.metadata()["vitcourse"])
+    best = max(rows, key=lambda r: r["val_acc"])
+    assert info["config"] == TINY.replace(epochs=4).to_dict() and info["classes"][0] == "disk"
+    assert info["epoch"] == best["epoch"] and info["metrics"] == best and info["source"] == "synthetic"
+    last = load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert last["metrics"] == rows[-1] and last["epoch"] == 4 and last["finished"]
+    _assert_same_weights(tmp_path / "run" / "last.safetensors", tmp_path / "run" / "resume.pt")
     assert "data synthetic" in (tmp_path / "run" / "train.log").read_text()
     # lr is the rate of each epoch's last step (8 steps an epoch), not the next step's
     rates = learning_rates(TINY.replace(epochs=4), steps_per_epoch=8)
@@ -164,9 +191,9 @@ def test_training_learns_and_writes_outputs(tmp_path):
 
 def test_finished_run_returns_stored_metrics_and_other_configs_are_refused(tmp_path):
     rows = train(TINY.replace(epochs=1), tmp_path / "run", progress=False)
-    stamp = (tmp_path / "run" / "last.pt").stat().st_mtime_ns
+    stamp = (tmp_path / "run" / "resume.pt").stat().st_mtime_ns
     again = train(TINY.replace(epochs=1), tmp_path / "run", progress=False)
-    assert again == rows and (tmp_path / "run" / "last.pt").stat().st_mtime_ns == stamp
+    assert again == rows and (tmp_path / "run" / "resume.pt").stat().st_mtime_ns == stamp
     with pytest.raises(ConfigMismatch, match="lr"):
         train(TINY.replace(epochs=1, lr=5e-4), tmp_path / "run", progress=False)
     with pytest.raises(FileExistsError, match="resume"):
@@ -182,10 +209,10 @@ def test_a_run_continues_only_on_the_data_it_started_with(tmp_path, monkeypatch)
     # 'cifar10' with the synthetic fallback, offline: the run trains on synthetic data
     cfg = TINY.replace(data="cifar10", allow_synthetic=True, data_root=str(tmp_path / "no-cifar"), max_steps=2)
     assert train(cfg, tmp_path / "run", progress=False)[-1]["data"] == "synthetic"
-    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["source"] == "synthetic"
+    assert _resume_state(tmp_path / "run")["source"] == "synthetic"
     # later CIFAR-10 is there: neither return the synthetic run as finished nor continue it on CIFAR-10
     real = train_module.build_data
-    monkeypatch.setattr(train_module, "build_data", lambda c: dataclasses.replace(real(c), source="cifar10"))
+    monkeypatch.setattr(train_module, "build_data", lambda c, **kw: dataclasses.replace(real(c, **kw), source="cifar10"))
     for max_steps in (2, 4):
         with pytest.raises(ConfigMismatch, match="data source: 'synthetic' there, 'cifar10' now"):
             train(cfg.replace(max_steps=max_steps), tmp_path / "run", progress=False)
@@ -208,7 +235,7 @@ def test_max_steps_then_continue_equals_one_longer_run(tmp_path):
     second = train(TINY.replace(max_steps=12), tmp_path / "split", progress=False)
     assert _without_timing(second) == _without_timing(direct)
     assert [r["step"] for r in direct] == [8, 12]
-    _assert_same_weights(tmp_path / "direct" / "last.pt", tmp_path / "split" / "last.pt")
+    _assert_same_weights(tmp_path / "direct" / "last.safetensors", tmp_path / "split" / "last.safetensors")
 
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
@@ -228,7 +255,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
                            vit=ViTConfig(dim=32, depth=2, heads=2, mlp_dim=64, dropout=0.1, drop_path=0.1))
         train(cfg, {str(tmp_path / 'killed')!r}, progress=False)
     """)
-    last = tmp_path / "killed" / "last.pt"
+    last = tmp_path / "killed" / "resume.pt"
     deadline = time.time() + 120
     while not (last.exists() and len(read_metrics(tmp_path / "killed")) >= 1) and time.time() < deadline:
         assert child.poll() is None, child.communicate()[1]
@@ -237,12 +264,18 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     child.send_signal(signal.SIGKILL)
     child.wait()
     assert child.returncode == -signal.SIGKILL
-    state = torch.load(last, weights_only=False)
+    state = torch.load(last, weights_only=True)
     assert not state["finished"], "the child finished before it was killed; the test did not test resume"
     resumed = train(cfg, tmp_path / "killed", resume=True, progress=False)
     assert _without_timing(resumed) == _without_timing(reference)
-    _assert_same_weights(tmp_path / "reference" / "last.pt", last)
-    _assert_same_weights(tmp_path / "reference" / "best.pt", tmp_path / "killed" / "best.pt")
+    _assert_same_weights(tmp_path / "reference" / "resume.pt", last)
+    _assert_same_weights(tmp_path / "reference" / "last.safetensors", tmp_path / "killed" / "last.safetensors")
+    _assert_same_weights(tmp_path / "reference" / "best.safetensors", tmp_path / "killed" / "best.safetensors")
+    # the resume state holds the optimizer's moments too: bit-identical as well
+    ref_opt, got_opt = _resume_state(tmp_path / "reference")["optimizer"], torch.load(last, weights_only=True)["optimizer"]
+    for key, value in ref_opt["state"].items():
+        for name, tensor in value.items():
+            torch.testing.assert_close(tensor, got_opt["state"][key][name], rtol=0, atol=0)
     assert not list((tmp_path / "killed").glob("*.tmp"))
 
 
@@ -262,7 +295,7 @@ def test_ddp_with_two_gloo_processes_matches_one_process(tmp_path):
     for a, b in zip(ddp, single):
         for key in ("train_loss", "val_loss", "val_acc", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
-    wa = torch.load(tmp_path / "ddp" / "last.pt", weights_only=False)
+    wa = _resume_state(tmp_path / "ddp")
     assert len(wa["rng"]) == 2  # both processes' random states are kept for resume
 
 
@@ -278,7 +311,7 @@ def test_torchrun_command_line_with_two_gloo_processes(tmp_path, capsys):
     assert len(rows) == 1 and rows[0]["step"] == 3 and rows[0]["data"] == "synthetic"
     assert 0.0 <= rows[0]["val_acc"] <= 1.0 and rows[0]["train_loss"] > 0
     assert done.stdout.count("done:") == 1  # process 0 reports, process 1 is quiet
-    assert len(torch.load(out / "last.pt", weights_only=False)["rng"]) == 2
+    assert len(_resume_state(out)["rng"]) == 2
     # continued by one process: a clear error, not a run with the random state of only one of the two
     from vitcourse.train import main
 
@@ -299,7 +332,7 @@ def test_cli_quick_run_then_errors(tmp_path, capsys):
     out = tmp_path / "quick"
     done = _cli("--config", "quick", "--out", str(out), "--max-steps", "2", "--subset", "256", "--no-progress")
     assert done.returncode == 0, done.stderr
-    assert (out / "metrics.jsonl").exists() and (out / "last.pt").exists() and (out / "best.pt").exists()
+    assert (out / "metrics.jsonl").exists() and (out / "last.safetensors").exists() and (out / "best.safetensors").exists()
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["step"] == 2 and row["data"] == "synthetic"  # VITCOURSE_OFFLINE=1: no download, even online
     assert "synthetic" in done.stdout
@@ -313,9 +346,9 @@ def test_cli_quick_run_then_errors(tmp_path, capsys):
     assert "different configuration" in err and len(err.strip().splitlines()) == 1
 
     # the finished run resumed with the same settings returns at once, without training
-    stamp = (out / "last.pt").stat().st_mtime_ns
+    stamp = (out / "resume.pt").stat().st_mtime_ns
     assert main([*common, "--resume"]) == 0
-    assert (out / "last.pt").stat().st_mtime_ns == stamp
+    assert (out / "resume.pt").stat().st_mtime_ns == stamp
 
 
 def test_cli_unknown_config_is_one_line_without_traceback(tmp_path):
@@ -359,7 +392,8 @@ def test_cli_corrupt_image_in_a_worker_process_is_one_line(tmp_path):
                 "--batch-size", "4", "--out", str(tmp_path / "out"), "--no-progress")
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert f"cannot read image {tmp_path / 'imgs'}" in done.stderr and "delete it" in done.stderr
+    # found before training starts, all of them, with the flag that leaves them out
+    assert "16 of the 16 images" in done.stderr and "16 corrupt" in done.stderr and "--skip-bad-images" in done.stderr
 
 
 def test_cli_help(capsys):
@@ -390,3 +424,149 @@ def test_cli_model_option_picks_the_network():
     assert cfg.model == "ultimus_repaired" and cfg.schedule == "onecycle"
     assert size(build_model(cfg.replace(model="ultimus"), 10)) == SPEC_NUM_PARAMETERS
     assert size(build_model(cfg, 10)) > SPEC_NUM_PARAMETERS  # the repair adds BatchNorm to the stem
+
+
+# --------------------------------------------------------------------------- the split is part of the run (issue 13)
+
+
+def _folder(root: Path, counts: dict[str, int]) -> Path:
+    from PIL import Image
+
+    for k, (name, n) in enumerate(counts.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.new("RGB", (12, 12), (10 * i % 256, 120 * k % 256, 60)).save(root / name / f"{i}.png")
+    return root
+
+
+FOLDER_CFG = TINY.replace(subset=None, batch_size=8, epochs=2, augment="none")
+
+
+def test_resume_refuses_a_folder_whose_files_changed_and_never_moves_a_test_image(tmp_path):
+    folder = _folder(tmp_path / "imgs", {"disk": 20, "square": 20})
+    cfg = FOLDER_CFG.replace(data=str(folder), max_steps=2)
+    train(cfg, tmp_path / "run", progress=False)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert len(split["files"]) == 40 and len(split["test"]) == 4
+    assert set(split["train"]).isdisjoint(split["test"]) and set(split["val"]).isdisjoint(split["test"])
+    # the issue's case: a file deleted (as an error message once said), then --resume
+    (folder / split["train"][0]).unlink()
+    with pytest.raises(ConfigMismatch, match=r"image folder changed since this run started \(1 removed: "
+                                             + split["train"][0].replace(".", r"\.")):
+        train(cfg.replace(max_steps=4), tmp_path / "run", progress=False)
+    _folder(folder, {"disk": 20})  # restored: resuming continues on the recorded split
+    assert train(cfg.replace(max_steps=4), tmp_path / "run", progress=False)[-1]["step"] == 4
+    # a changed file (same name, other pixels) and an added one are refused too
+    from PIL import Image
+
+    Image.new("RGB", (12, 12), (1, 2, 3)).save(folder / split["test"][0])
+    Image.new("RGB", (12, 12), (3, 2, 1)).save(folder / "square" / "new.png")
+    with pytest.raises(ConfigMismatch, match="1 added: square/new.png; 1 changed: " + split["test"][0]):
+        train(cfg.replace(max_steps=6), tmp_path / "run", progress=False)
+
+
+def test_a_resumed_run_never_starts_without_its_split_record(tmp_path):
+    train(TINY.replace(max_steps=2), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "split.json").unlink()
+    with pytest.raises(ConfigMismatch, match="split.json is missing or damaged"):
+        train(TINY.replace(max_steps=4), tmp_path / "run", progress=False)
+
+
+def test_cli_resume_without_a_run_and_old_format_runs_are_errors(tmp_path, capsys):
+    from vitcourse.train import main
+
+    common = ["--config", "quick", "--data", "synthetic", "--subset", "256", "--max-steps", "1", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "holds no run to resume; leave out --resume" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "nothing").exists()  # nothing was started
+    (tmp_path / "old").mkdir()
+    torch.save({"config": {}}, tmp_path / "old" / "last.pt")
+    assert main([*common, "--out", str(tmp_path / "old")]) == 2
+    assert "older vitcourse" in capsys.readouterr().err
+
+
+def test_bad_images_stop_training_before_the_first_step_unless_skipped(tmp_path, capsys):
+    from vitcourse.train import main
+
+    folder = _folder(tmp_path / "imgs", {"disk": 10, "square": 10})
+    data = (folder / "disk" / "3.png").read_bytes()
+    (folder / "disk" / "3.png").write_bytes(data[: len(data) // 2])  # truncated
+    (folder / "square" / "._1.png").write_bytes(b"AppleDouble")  # skipped: never an error
+    args = ["--config", "quick", "--data", str(folder), "--epochs", "1", "--batch-size", "4", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "disk/3.png" in err and "--skip-bad-images" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a" / "resume.pt").exists()
+    assert main([*args, "--out", str(tmp_path / "b"), "--skip-bad-images"]) == 0
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert "skipped 1 AppleDouble ._* files, 1 corrupt images" in log
+    assert "disk/3.png" not in json.loads((tmp_path / "b" / "split.json").read_text())["files"]
+
+
+def test_non_finite_metrics_are_written_as_null_with_a_warning(tmp_path, monkeypatch):
+    import vitcourse.train as train_module
+
+    real = train_module.evaluate_model
+    monkeypatch.setattr(train_module, "evaluate_model", lambda *a, **k: {**real(*a, **k), "loss": float("nan")})
+    rows = train(TINY.replace(epochs=1), tmp_path / "run", progress=False)
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))["val_loss"] is None
+    assert rows[0]["val_loss"] is None
+    assert "warning: val_loss of epoch 1 is not a finite number" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_only_process_zero_prepares_the_data_and_the_others_wait(tmp_path, monkeypatch):
+    """The order under torchrun, with the collectives replaced by a recording stand-in."""
+    import vitcourse.train as train_module
+
+    events = []
+    monkeypatch.setattr(train_module.dist, "is_initialized", lambda: True)
+    groups = []
+    monkeypatch.setattr(train_module.dist, "new_group", lambda **kw: groups.append(kw) or "long-timeout group")
+    monkeypatch.setattr(train_module.dist, "barrier", lambda group: events.append(("barrier", group)) or None)
+    monkeypatch.setattr(train_module.dist, "broadcast_object_list",
+                        lambda objs, src, group, device: events.append(("broadcast", group)))
+    monkeypatch.setattr(train_module, "build_data", lambda cfg, **kw: events.append("load") or "data")
+    assert train_module._load_data(TINY, train_module._Dist(rank=0, world=2), False) == "data"
+    waits = [("barrier", "long-timeout group"), ("broadcast", "long-timeout group")]
+    assert events == ["load", *waits]
+    events.clear()
+    assert train_module._load_data(TINY, train_module._Dist(rank=1, world=2), False) == "data"
+    assert events == [*waits, "load"]
+    # the waiting group outlasts a whole download (a healthy slow download must not time the others out)
+    from vitcourse.data import DOWNLOAD_DEADLINE
+
+    assert groups[0]["backend"] == "gloo" and groups[0]["timeout"].total_seconds() > DOWNLOAD_DEADLINE
+
+    # a failure on process 0 reaches the others as the same one-sentence error (none waits forever)
+    def fail(cfg, **kw):
+        raise train_module.DataError("CIFAR-10 is not in /x; allow downloads.")
+
+    monkeypatch.setattr(train_module, "build_data", fail)
+    with pytest.raises(train_module.DataError, match="CIFAR-10 is not in /x"):
+        train_module._load_data(TINY, train_module._Dist(rank=0, world=2), False)
+
+    def told(objs, src, group, device):
+        objs[0] = (True, "CIFAR-10 is not in /x; allow downloads.")
+
+    monkeypatch.setattr(train_module.dist, "broadcast_object_list", told)
+    monkeypatch.setattr(train_module, "build_data", lambda cfg, **kw: pytest.fail("rank 1 loaded after rank 0 failed"))
+    with pytest.raises(train_module.DataError, match="CIFAR-10 is not in /x"):
+        train_module._load_data(TINY, train_module._Dist(rank=1, world=2), False)
+
+
+def test_torchrun_a_data_error_on_process_zero_stops_every_process(tmp_path):
+    """Two gloo processes, an image folder with a corrupt file: both stop with the sentence, none waits forever."""
+    folder = _folder(tmp_path / "imgs", {"disk": 6, "square": 6})
+    (folder / "disk" / "bad.png").write_bytes(b"not a png")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "vitcourse.train", "--config", "quick", "--data", str(folder), "--batch-size", "4",
+                           "--max-steps", "1", "--out", str(tmp_path / "run"), "--no-progress"],
+                          env=_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    # torchrun stops the other process once one has failed, so one or two copies of the sentence, and no hang
+    assert 1 <= len(errors) <= 2, done.stderr[-3000:]
+    assert all("disk/bad.png" in e and "--skip-bad-images" in e for e in errors), done.stderr[-3000:]
+    assert not (tmp_path / "run" / "resume.pt").exists()

@@ -1,39 +1,104 @@
-"""The ``vitcourse`` command (also ``python -m vitcourse``).
+"""The ``vitcourse`` command (also ``python -m vitcourse``)::
 
-Subcommands register themselves with :func:`command`; to add one, write a function
-that takes the parsed arguments and returns an exit code, and decorate it::
+    vitcourse train --config quick --out runs/quick        # = python -m vitcourse.train ...
+    vitcourse evaluate runs/quick/best.safetensors         # = python -m vitcourse.evaluate ...
+    vitcourse grade submissions/ch01 --out grades/ch01
+    vitcourse student-pack --out pack
+    vitcourse notebooks --check
 
-    @command("train", help="train a model", args=[(("--epochs",), {"type": int, "default": 1})])
-    def _train(ns) -> int:
+``train`` and ``evaluate`` take exactly the options of their modules (one definition,
+:func:`vitcourse.train.add_arguments` and :func:`vitcourse.evaluate.add_arguments`).
+The other subcommands register themselves with :func:`command`; to add one, write a
+function that takes the parsed arguments and returns an exit code, and decorate it::
+
+    @command("stats", help="summarise a run", example="vitcourse stats runs/quick", args=[(("run",), {})])
+    def _stats(ns) -> int:
         ...
 
-Problems with the input are reported in one sentence on stderr with a non-zero
-exit code, never with a traceback.
+Problems with the input are reported in one sentence on stderr with exit code 2, never
+with a traceback; every path is checked before any work starts (:func:`check_out_dir`,
+:func:`check_input_dir`). Nothing heavy is imported until a subcommand runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
-_COMMANDS: dict[str, tuple[str, list, Callable]] = {}
+_COMMANDS: dict[str, tuple[str, str, list, Callable]] = {}
 REPO_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+"""The notebooks folder of a source checkout (absent when vitcourse is installed from a wheel)."""
 
 
-class UsageError(Exception):
+class UsageError(ValueError):
     """Bad input to a subcommand: printed as one line, exit code 2."""
 
 
-def command(name: str, help: str, args: list | None = None) -> Callable:
-    """Register a subcommand ``name``; ``args`` is a list of ``(flags, kwargs)`` for ``add_argument``."""
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors (unknown option, missing value, ``--epochs abc``) are one
+    line on stderr, exit code 2, pointing to ``--help`` instead of printing the whole usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message}; see '{self.prog} --help'.\n")
+
+
+def command(name: str, help: str, args: list | None = None, example: str = "") -> Callable:
+    """Register a subcommand ``name``; ``args`` is a list of ``(flags, kwargs)`` for ``add_argument``,
+    ``example`` a command line shown by its ``--help``."""
 
     def register(fn: Callable) -> Callable:
-        _COMMANDS[name] = (help, args or [], fn)
+        _COMMANDS[name] = (help, example, args or [], fn)
         return fn
 
     return register
+
+
+def check_input_dir(path: str | os.PathLike, flag: str, what: str) -> Path:
+    """``path`` must be an existing folder: :class:`UsageError` (one sentence) otherwise.
+
+    ``flag`` names the option (``"--data"``), ``what`` the folder the user should pass.
+    """
+    path = Path(path).expanduser()
+    if path.is_file():
+        raise UsageError(f"{flag} {path} is a file, not a folder; pass {what}.")
+    if not path.is_dir():
+        raise UsageError(f"{flag} {path} does not exist; pass {what}.")
+    return path
+
+
+def check_out_dir(path: str | os.PathLike, *, flag: str = "--out", data: str | os.PathLike | None = None,
+                  data_flag: str = "--data") -> Path:
+    """``path`` must be usable as an output folder; :class:`UsageError` (one sentence) otherwise.
+
+    Refused: an existing file; a path below a file; a place where nothing can be written (a
+    read-only folder or file system: checked by creating and deleting a temporary file in the
+    nearest existing folder); a folder inside (or equal to) the input folder ``data``, whose
+    contents the command reads. Nothing is created.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is an existing file, not a folder; choose a folder path (it is created if needed).")
+    if data is not None:
+        source, target = Path(data).expanduser().resolve(), path.resolve()
+        if target == source or source in target.parents:
+            raise UsageError(f"{flag} {path} is inside {data_flag} {data}, whose files are read as input; "
+                             f"choose an output folder outside it.")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{flag} {path} cannot be created because {existing} is a file; choose another folder.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError:
+        raise UsageError(f"{flag} {path} is in a place that cannot be written to ({existing} is read-only or not "
+                         f"yours); choose a folder you can write to.") from None
+    return path
 
 
 @command("grade", help="grade a folder of submitted exercise notebooks", args=[
@@ -48,32 +113,61 @@ def command(name: str, help: str, args: list | None = None) -> Callable:
     (("--salt",), {"default": None, "help": "a secret that changes the hidden checks' inputs "
                                             "(default: $VITCOURSE_GRADING_SALT, else none)"}),
     (("--no-progress",), {"action": "store_true", "help": "no progress bar"}),
-])
+    (("--hidden",), {"type": Path, "default": None,
+                     "help": "the hidden checks to grade with (default: the ones shipped with vitcourse)"}),
+    (("--unsafe-no-sandbox",), {"action": "store_true",
+                                "help": "run student code without the sandbox (only for code you trust)"}),
+], example="vitcourse grade submissions/ch01 --out grades/ch01")
 def _grade(ns: argparse.Namespace) -> int:
+    check_input_dir(ns.submissions, "submissions", "a folder with one <student>.ipynb per student")
+    check_out_dir(ns.out, data=ns.submissions, data_flag="the submissions folder")
+    if ns.hidden is not None and not ns.hidden.expanduser().exists():
+        raise UsageError(f"--hidden {ns.hidden} does not exist; pass the path of the hidden checks to grade with.")
+    if ns.workers is not None and ns.workers < 1:
+        raise UsageError("--workers must be at least 1.")
+    if ns.time_limit is not None and not ns.time_limit > 0:
+        raise UsageError("--time-limit must be a positive number of seconds.")
+
     from vitcourse.grading.batch import GradingError, grade_folder
     from vitcourse.grading.feedback import summary_text
     from vitcourse.grading.grader import Limits
     from vitcourse.grading.spec import load_chapter
 
-    if ns.workers is not None and ns.workers < 1:
-        raise UsageError("--workers must be at least 1.")
     try:
         report = grade_folder(ns.submissions, ns.out, workers=ns.workers, force=ns.force, chapter=ns.chapter,
                               students=ns.student, limits=Limits(exercise_seconds=ns.time_limit),
-                              progress=not ns.no_progress, salt=ns.salt)
+                              progress=not ns.no_progress, salt=ns.salt, hidden=ns.hidden,
+                              unsafe_no_sandbox=ns.unsafe_no_sandbox)
     except GradingError as err:
         raise UsageError(str(err)) from None
     sys.stdout.write(summary_text(report, load_chapter(report.chapter)))
     return 0
 
 
+def _notebooks_dir(given: Path | None, flag: str) -> Path:
+    """The notebooks folder: ``given``, else the source checkout's, else ``./notebooks`` (an installed
+    package has no checkout); one sentence if there is none."""
+    if given is not None:
+        return check_input_dir(given, flag, "the course's notebooks folder (with solutions/ inside)")
+    for candidate in (REPO_NOTEBOOKS, Path("notebooks")):
+        if (candidate / "solutions").is_dir():
+            return candidate
+    raise UsageError(f"no notebooks folder found (neither {REPO_NOTEBOOKS} nor ./notebooks); run this in a checkout "
+                     f"of the course repository or pass {flag} PATH.")
+
+
 @command("student-pack", help="write the student notebooks and what they need (no solutions, no hidden checks)",
-         args=[(("--out",), {"type": Path, "required": True, "help": "folder to create"})])
+         args=[(("--out",), {"type": Path, "required": True, "help": "folder to create"}),
+               (("--notebooks",), {"type": Path, "default": None,
+                                   "help": "the course's notebooks folder (default: the checkout's, else ./notebooks)"})],
+         example="vitcourse student-pack --out pack")
 def _student_pack(ns: argparse.Namespace) -> int:
+    notebooks = _notebooks_dir(ns.notebooks, "--notebooks")
+    check_out_dir(ns.out, data=notebooks, data_flag="the notebooks folder")
     from vitcourse.grading.pack import write_student_pack
 
     try:
-        files = write_student_pack(ns.out, REPO_NOTEBOOKS)
+        files = write_student_pack(ns.out, notebooks)
     except (FileExistsError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     print(f"Wrote the student pack to {ns.out} ({len(files)} files).")
@@ -82,9 +176,10 @@ def _student_pack(ns: argparse.Namespace) -> int:
 
 @command("notebooks", help="regenerate the student exercise notebooks from the solution notebooks", args=[
     (("--check",), {"action": "store_true", "help": "only report notebooks that are out of date (exit 1 if any)"}),
-    (("--dir",), {"type": Path, "default": REPO_NOTEBOOKS, "help": "the notebooks folder"}),
-])
+    (("--dir",), {"type": Path, "default": None, "help": "the notebooks folder (default: the checkout's, else ./notebooks)"}),
+], example="vitcourse notebooks --check")
 def _notebooks(ns: argparse.Namespace) -> int:
+    ns.dir = _notebooks_dir(ns.dir, "--dir")
     from vitcourse.grading.generate import regenerate
     from vitcourse.grading.spec import chapter_names, load_chapter
 
@@ -105,12 +200,37 @@ def _notebooks(ns: argparse.Namespace) -> int:
     return 1 if ns.check and changed else 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(prog="vitcourse", description="Tools of the course 'Vision Transformers from scratch'.")
+_MODULE_COMMANDS = {
+    "train": ("train a model (as python -m vitcourse.train)", "vitcourse.train"),
+    "evaluate": ("test accuracy and loss of a checkpoint, as JSON (as python -m vitcourse.evaluate)", "vitcourse.evaluate"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand.
+
+    ``train`` and ``evaluate`` get their options from their modules; those import PyTorch, so
+    they are filled in only when ``argv`` asks for that subcommand (or for all, if ``argv`` is ``None``).
+    """
+    import importlib
+
+    parser = Parser(prog="vitcourse", description="Tools of the course 'Vision Transformers from scratch'.",
+                                     epilog="Run 'vitcourse COMMAND --help' for a command's options and an example.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, arguments, fn) in _COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    wanted = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    for name, (help_text, module_name) in _MODULE_COMMANDS.items():
+        if wanted is not None and wanted != name:
+            sub.add_parser(name, help=help_text)
+            continue
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=module.DESCRIPTION, epilog=module.epilog(f"vitcourse {name}"),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
+    for name, (help_text, example, arguments, fn) in _COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           epilog=f"example:\n  {example}" if example else None,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         for flags, kwargs in arguments:
             p.add_argument(*flags, **kwargs)
         p.set_defaults(func=fn)
@@ -119,11 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vitcourse`` command; returns the exit code."""
-    ns = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ns = build_parser(argv).parse_args(argv)
     try:
         return ns.func(ns)
     except UsageError as err:
-        print(f"vitcourse {ns.command}: {err}", file=sys.stderr)
+        print(f"vitcourse {ns.command}: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. the disk filled up, or a folder became read-only, while writing
+        print(f"vitcourse {ns.command}: could not use a file ({err.strerror or err}: {err.filename}); check the path, "
+              f"its permissions and the free disk space.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitcourse {ns.command}: interrupted; finished results are kept, rerun to continue.", file=sys.stderr)

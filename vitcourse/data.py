@@ -10,9 +10,14 @@ statistics used for normalisation and ``source``, a short string saying which da
   (argument ``root``, else ``$VITCOURSE_DATA``, else ``~/.cache/vitcourse/data``). The 50,000
   training images are split with a seeded permutation into 45,000 train / 5,000 validation.
   ``VITCOURSE_OFFLINE=1`` forbids the download (tests and offline machines set it); a download
-  gives up after :data:`DOWNLOAD_TIMEOUT` seconds without an answer from the server.
+  gives up after :data:`DOWNLOAD_TIMEOUT` seconds without an answer from the server, or after
+  :data:`DOWNLOAD_DEADLINE` seconds in all. Processes sharing the cache (``torchrun``) download
+  it once, under a lock file (:func:`data_lock`).
 * ``load_data("path/to/folder")`` - your images in torchvision's ``ImageFolder`` layout
-  (``folder/<class>/<image>``), resized to the model's image size, split the same way.
+  (``folder/<class>/<image>``), resized to the model's image size. Every file is checked once
+  before anything trains (unreadable and corrupt files are named, hidden files and folders,
+  AppleDouble ``._*`` files and non-images are skipped and counted), and the split is
+  stratified by class and recorded by file (``DataBundle.split_record``).
 * ``load_data("synthetic")`` - :func:`make_synthetic`: ten classes of shapes and textures drawn
   at random places in random colours. It exists so every notebook runs offline; CIFAR-10 falls
   back to it only when the caller passes ``allow_synthetic=True``.
@@ -24,20 +29,28 @@ whole batches and live in :mod:`vitcourse.train`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import io
 import math
 import os
-import socket
+import sys
+import time
+import urllib.request
 import warnings
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
+
+from .utils import atomic_write
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -75,6 +88,16 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 CIFAR_URL_HINT = "https://www.cs.toronto.edu/~kriz/cifar.html"
 DOWNLOAD_TIMEOUT = 60.0
 """Seconds a download waits for the server before it gives up (so the offline fallback cannot hang)."""
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+DOWNLOAD_DEADLINE = _env_seconds("VITCOURSE_DOWNLOAD_DEADLINE", 1800.0)
+"""Seconds a whole download may take (``$VITCOURSE_DOWNLOAD_DEADLINE``, default 30 minutes)."""
 
 
 class DataError(RuntimeError):
@@ -115,6 +138,8 @@ class DataBundle:
     source: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    split: dict = field(default_factory=dict)
+    skipped: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -122,8 +147,20 @@ class DataBundle:
         return len(self.classes)
 
     def describe(self) -> str:
-        """One line: source and split sizes, e.g. ``synthetic: 15000 train / 5000 val / 4000 test``."""
-        return f"{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test"
+        """One line: source, split sizes and skipped files, e.g. ``synthetic: 15000 train / 5000 val / 4000 test``."""
+        line = f"{self.source}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test"
+        if self.skipped:
+            line += " (skipped " + ", ".join(f"{n} {what}" for what, n in self.skipped.items()) + ")"
+        return line
+
+    def split_record(self) -> dict:
+        """What :mod:`vitcourse.train` stores as ``split.json``: which examples are train, val and test.
+
+        For an image folder: ``{"source", "classes", "files": {relative path: sha256 of its bytes},
+        "train" / "val" / "test": [relative paths]}``. For CIFAR-10 and synthetic data, the
+        three lists hold example indices instead and ``files`` is empty.
+        """
+        return {"source": self.source, "classes": list(self.classes), **self.split}
 
 
 # --------------------------------------------------------------------------- datasets and transforms
@@ -226,7 +263,8 @@ def denormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
     """A seeded split of ``range(n)`` into ``(train_indices, val_indices)`` with ``val_size`` for validation."""
     if not 0 <= val_size < n:
-        raise ValueError(f"val_size={val_size} must be between 0 and {n - 1} for {n} training images.")
+        raise ValueError(f"cannot hold out {val_size} of {n} training images for validation; "
+                         f"use fewer validation images or more data.")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return order[val_size:].sort().values, order[:val_size].sort().values
 
@@ -240,9 +278,10 @@ def _bundle(train_pool: ImageTensorDataset, test: ImageTensorDataset, eval_pool:
             raise ValueError(f"subset={subset} must be a positive number of training images.")
         train_idx = train_idx[torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(seed + 1))]
         train_idx = train_idx[:subset].sort().values
+    split = {"files": {}, "train": train_idx.tolist(), "val": val_idx.tolist(), "test": list(range(len(test)))}
     return DataBundle(
         train=_Subset(train_pool, train_idx), val=_Subset(eval_pool, val_idx), test=test,
-        classes=tuple(classes), source=source, mean=tuple(mean), std=tuple(std),
+        classes=tuple(classes), source=source, mean=tuple(mean), std=tuple(std), split=split,
     )
 
 
@@ -347,6 +386,11 @@ SYNTHETIC_VERSION = 2  # bump when make_synthetic changes, so stale caches are n
 def _synthetic_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The fixed synthetic train pool and test set, cached in memory and in :func:`data_root` on disk."""
     path = data_root() / f"synthetic-v{SYNTHETIC_VERSION}-{image_size}px.npz"
+    with data_lock(path.parent, "synthetic"):  # processes sharing the cache generate it once
+        return _synthetic_arrays_unlocked(path, image_size)
+
+
+def _synthetic_arrays_unlocked(path: Path, image_size: int):
     try:
         with np.load(path) as f:
             return f["images"], f["labels"], f["test_images"], f["test_labels"]
@@ -355,10 +399,9 @@ def _synthetic_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarr
     images, labels = make_synthetic(SYNTHETIC_TRAIN, seed=1234, image_size=image_size)
     test_images, test_labels = make_synthetic(SYNTHETIC_TEST, seed=4321, image_size=image_size)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        buffer = io.BytesIO()
+        np.savez(buffer, images=images, labels=labels, test_images=test_images, test_labels=test_labels)
+        atomic_write(path, buffer.getvalue())  # a concurrent reader never sees half a file
     except OSError:
         pass  # a read-only cache only costs the few seconds of generating again
     return images, labels, test_images, test_labels
@@ -391,31 +434,105 @@ def downloads_allowed() -> bool:
     return os.environ.get("VITCOURSE_OFFLINE", "") in ("", "0")
 
 
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+
+@contextlib.contextmanager
+def data_lock(folder: str | os.PathLike, name: str = "vitcourse") -> Iterator[None]:
+    """Hold an exclusive lock file ``folder/.<name>.lock`` while preparing data there.
+
+    Processes that share ``folder`` (the ranks of a ``torchrun`` job, on one machine or on a
+    shared filesystem) take turns: the first downloads or generates, the others then find the
+    result. A folder where no lock file can be created (read-only) is used without a lock.
+    """
+    from filelock import FileLock
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / f".{name}.lock"))
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def download_file(url: str, dest: str | os.PathLike, *, timeout: float | None = None,
+                  deadline: float | None = None, md5: str | None = None) -> None:
+    """Download ``url`` to ``dest`` (atomically), giving up after ``deadline`` seconds in total.
+
+    ``timeout`` bounds each wait for the server (default :data:`DOWNLOAD_TIMEOUT`); ``deadline``
+    bounds the whole transfer (default :data:`DOWNLOAD_DEADLINE`), so a server that answers,
+    but too slowly, cannot stall a run forever. ``md5``, if given, is checked at the end.
+
+    Raises:
+        TimeoutError: the deadline passed. ``OSError`` / ``ValueError``: no connection, bad checksum.
+    """
+    timeout = DOWNLOAD_TIMEOUT if timeout is None else timeout
+    deadline = DOWNLOAD_DEADLINE if deadline is None else deadline
+    dest = Path(dest)
+    start = time.monotonic()
+    digest = hashlib.md5()
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "vitcourse"})
+        with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as f:
+            read = getattr(response, "read1", response.read)
+            while True:
+                if time.monotonic() - start > deadline:
+                    raise TimeoutError(f"the download took longer than {deadline:.0f} s")
+                chunk = read(1 << 16)  # returns what has arrived, at most 64 KiB
+                if not chunk:
+                    break
+                f.write(chunk)
+                digest.update(chunk)
+        if md5 is not None and digest.hexdigest() != md5:
+            raise ValueError("the downloaded file fails its checksum")
+        os.replace(tmp, dest)  # streamed to disk (170 MB), so not utils.atomic_write, which takes the bytes
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _download_cifar(root: Path) -> None:
+    """Download and unpack CIFAR-10 into ``root/cifar-10-batches-py`` (within :data:`DOWNLOAD_DEADLINE`)."""
+    import tarfile
+
+    archive = root / "cifar-10-python.tar.gz"
+    if not archive.exists():
+        download_file(CIFAR10_URL, archive, md5=CIFAR10_MD5)
+    with tarfile.open(archive, "r:gz") as tar:
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        tar.extractall(root, **safe)
+    archive.unlink(missing_ok=True)
+
+
 def _cifar_arrays(root: Path, download: bool) -> tuple[np.ndarray, list, np.ndarray, list]:
     """CIFAR-10's train and test arrays from ``root``, downloading when absent; :class:`DataError` otherwise."""
     from torchvision.datasets import CIFAR10
 
     folder = root / "cifar-10-batches-py"
+    if root.exists() and not root.is_dir():
+        raise DataError(f"the CIFAR-10 cache {root} is a file, not a folder; pass a folder as --data-root.")
     if not folder.exists():
         if not download or not downloads_allowed():
             why = "VITCOURSE_OFFLINE is set" if download else "downloads are off"
             raise DataError(f"CIFAR-10 is not in {folder} and {why}; put the extracted 'cifar-10-batches-py' "
                             f"folder there (from {CIFAR_URL_HINT}) or allow downloads.")
-        timeout = socket.getdefaulttimeout()
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # torchvision's urlopen has no timeout of its own
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                CIFAR10(str(root), train=True, download=True)
+            with data_lock(root, "cifar10"):  # one process downloads; the others wait, then find it
+                if not folder.exists():
+                    _download_cifar(root)
         except Exception as err:  # no network, proxy, timeout, disk full ...: all mean "not available"
             raise DataError(
                 f"CIFAR-10 is not in {folder} and could not be downloaded ({type(err).__name__}); connect to "
                 f"the internet and run again, or put the extracted 'cifar-10-batches-py' folder there "
                 f"(from {CIFAR_URL_HINT})."
             ) from None
-        finally:
-            socket.setdefaulttimeout(timeout)
     try:
         train = CIFAR10(str(root), train=True, download=False)
         test = CIFAR10(str(root), train=False, download=False)
@@ -443,25 +560,180 @@ def _cifar10(root, image_size: int, augment: str, val_size: int, seed: int, subs
 
 # --------------------------------------------------------------------------- image folders
 
+CHECK_PROGRESS_FROM = 500
+"""Folders with at least this many files show a progress bar while they are checked."""
+_NAMED = 10  # bad files named in an error message; the rest are counted
 
-def _scan_folder(path: Path) -> tuple[list[str], list[Path], list[int]]:
-    """Classes and image files of an ``ImageFolder``-style directory, with a :class:`DataError` if it is malformed."""
+
+def _check_folder_path(path: Path) -> None:
+    if path.is_file():
+        raise DataError(f"{path} is a file, not a folder; pass a folder of images laid out as <folder>/<class>/<image>.")
     if not path.is_dir():
         raise DataError(f"image folder {path} does not exist; pass a directory laid out as <folder>/<class>/<image>.")
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _inventory(path: Path) -> tuple[list[str], dict[str, list[Path]], Counter, list[Path]]:
+    """Class folders of ``path`` and the candidate image files in each, without opening any.
+
+    Skipped, and counted in the returned ``Counter``: hidden files and folders at any depth
+    (names starting with ``.``; macOS's ``._name`` AppleDouble files are counted apart), the
+    ``__MACOSX`` folders zip archives carry, files that are not images (by extension), and
+    files lying directly in ``path`` outside any class folder. Also returns the sub-folders that
+    could not be listed (no permission): their images would otherwise be missing without a word.
+    """
+    _check_folder_path(path)
+    skipped: Counter = Counter()
+    classes = []
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as err:
+        raise DataError(f"image folder {path} cannot be read ({err.strerror or err}); check its permissions.") from None
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name == "__MACOSX":
+            skipped["hidden files and folders"] += 1
+        elif entry.is_dir():
+            classes.append(entry.name)
+        else:
+            skipped["files outside class folders"] += 1
     if not classes:
         raise DataError(f"image folder {path} has no class sub-folders; put each class's images in {path}/<class>/.")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = sorted(f for f in (path / name).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+    files: dict[str, list[Path]] = {}
+    unlisted: list[Path] = []
+    for name in classes:
+        found, seen = [], set()
+        for folder, dirs, names in os.walk(path / name, followlinks=True,
+                                           onerror=lambda err: unlisted.append(Path(err.filename))):
+            real = os.path.realpath(folder)
+            if real in seen:  # a linked folder already read (or a link loop): its files once only
+                dirs[:] = []
+                continue
+            seen.add(real)
+            hidden = [d for d in dirs if d.startswith(".") or d == "__MACOSX"]
+            skipped["hidden files and folders"] += len(hidden)
+            dirs[:] = sorted(d for d in dirs if d not in hidden)  # not descended into
+            for file in names:
+                if file.startswith("._"):
+                    skipped["AppleDouble ._* files"] += 1
+                elif file.startswith("."):
+                    skipped["hidden files and folders"] += 1
+                elif Path(file).suffix.lower() not in IMAGE_EXTENSIONS:
+                    skipped["non-image files"] += 1
+                else:
+                    found.append(Path(folder) / file)
+        files[name] = sorted(found)
+    return classes, files, skipped, unlisted
+
+
+def _check_image(file: Path) -> tuple[str | None, str]:
+    """``(problem, sha256)`` of one file: problem ``None`` (a good image), ``"unreadable"`` or ``"corrupt"``.
+
+    The file is read once; Pillow's ``verify`` checks its structure and a full decode catches
+    truncated pixel data, which ``verify`` alone lets through.
+    """
+    from PIL import Image
+
+    try:
+        data = file.read_bytes()
+    except OSError:  # no permission, a broken link, an I/O error
+        return "unreadable", ""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            image.convert("RGB")  # what training does with it (fails for some exotic modes)
+    except Exception:  # Pillow raises many types for broken files (OSError, SyntaxError, ValueError, ...)
+        return "corrupt", ""
+    return None, hashlib.sha256(data).hexdigest()
+
+
+def _check_images(files: list[Path]) -> list[tuple[str | None, str]]:
+    """:func:`_check_image` on every file, in parallel threads, with a progress bar for large folders."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    workers = min(8, (os.cpu_count() or 1) + 2)
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(files), desc="checking images", unit="file",
+                                                   disable=len(files) < CHECK_PROGRESS_FROM, leave=False,
+                                                   file=sys.stderr) as bar:
+        results = []
+        for result in pool.map(_check_image, files):
+            results.append(result)
+            bar.update(1)
+    return results
+
+
+def _bad_images_message(root: Path, bad: dict[str, list[Path]], total: int) -> str:
+    """One sentence naming up to ten bad files (unreadable first), then how many more, and what to do."""
+    named = _NAMED
+    parts = []
+    for kind, why in (("unreadable", "unreadable (no read permission or a broken link"),
+                      ("corrupt", "corrupt (damaged, truncated or not an image")):
+        paths = bad.get(kind, [])
+        if not paths:
+            continue
+        shown = [str(p.relative_to(root)) for p in paths[:named]]
+        named -= len(shown)
+        more = f" and {len(paths) - len(shown)} more" if len(paths) > len(shown) else ""
+        parts.append(f"{len(paths)} {why}: {', '.join(shown)}{more})")
+    n = sum(len(v) for v in bad.values())
+    return (f"{n} of the {total} images in {root} cannot be used: {' and '.join(parts)}; fix or delete them, "
+            f"or pass --skip-bad-images to leave them out.")
+
+
+def _scan(root: Path, parts: Sequence[str], skip_bad_images: bool):
+    """Inventory and check the image folders ``root/part`` (``part`` ``""`` for ``root`` itself).
+
+    Returns ``(classes per part, {part: {class: [(file, sha256)]}}, skipped Counter)``; raises
+    :class:`DataError` for bad files unless ``skip_bad_images`` (then they are counted as skipped).
+    """
+    inventories = {part: _inventory(root / part if part else root) for part in parts}
+    everything = [f for _, files, _, _ in inventories.values() for found in files.values() for f in found]
+    checked = dict(zip(everything, _check_images(everything)))
+    bad: dict[str, list[Path]] = {}
+    for _, _, _, unlisted in inventories.values():  # folders that could not be listed count as unreadable
+        bad.setdefault("unreadable", []).extend(unlisted)
+    for f, (problem, _) in checked.items():
+        if problem is not None:
+            bad.setdefault(problem, []).append(f)
+    bad = {kind: paths for kind, paths in bad.items() if paths}
+    skipped: Counter = Counter()
+    for _, _, counts, _ in inventories.values():
+        skipped.update(counts)
+    if bad and not skip_bad_images:
+        raise DataError(_bad_images_message(root, bad, len(everything)))
+    for kind, paths in bad.items():
+        skipped[f"{kind} images"] += len(paths)
+    good = {part: {name: [(f, checked[f][1]) for f in found if checked[f][0] is None] for name, found in files.items()}
+            for part, (_, files, _, _) in inventories.items()}
+    return {part: classes for part, (classes, _, _, _) in inventories.items()}, good, skipped
+
+
+def _check_classes(folder: Path, per_class: dict[str, list], needed: int, roles: str) -> None:
+    """At least two classes, each with at least ``needed`` images (one for each of ``roles``)."""
+    for name, found in per_class.items():
         if not found:
-            raise DataError(
-                f"class folder {path / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, ...); "
-                f"add images to it or remove it."
-            )
-        files += found
-        labels += [label] * len(found)
-    return classes, files, labels
+            raise DataError(f"class folder {folder / name} holds no images ({', '.join(IMAGE_EXTENSIONS[:3])}, "
+                            f"...); add images to it or remove it.")
+    if len(per_class) < 2:
+        (only,) = per_class
+        raise DataError(f"image folder {folder} has only one class folder ({only}); a classifier needs at least two, "
+                        f"so add a folder of images for another class beside it.")
+    for name, found in per_class.items():
+        if len(found) < needed:
+            missing = needed - len(found)
+            raise DataError(f"class folder {folder / name} has only {len(found)} usable image"
+                            f"{'s' if len(found) != 1 else ''}, too few for one {roles} image; add at least "
+                            f"{missing} more.")
+
+
+def _hash_order(items: list[tuple[Path, str]], root: Path, seed: int) -> list[tuple[Path, str]]:
+    """``items`` in a seeded order that depends on each file's own path, not on the other files."""
+    def key(item):
+        return hashlib.sha256(f"{seed}:{item[0].relative_to(root).as_posix()}".encode()).hexdigest()
+
+    return sorted(items, key=key)
 
 
 class _ImageLoader:
@@ -482,37 +754,72 @@ class _ImageLoader:
             with Image.open(self.files[i]) as image:
                 pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
         except Exception:
-            raise DataError(f"cannot read image {self.files[i]}; it is corrupt or not an image: delete it.") from None
+            raise DataError(f"cannot read image {self.files[i]}; it changed or became unreadable after the "
+                            f"folder was checked: fix or delete it.") from None
         return self.resize(torch.from_numpy(pixels.copy()).permute(2, 0, 1))  # (3, S, S)
 
 
-def _folder(path: Path, image_size: int, augment: str, val_size: int, seed: int, subset: int | None) -> DataBundle:
+def _folder(path: Path, image_size: int, augment: str, val_size: int, seed: int, subset: int | None,
+            skip_bad_images: bool = False) -> DataBundle:
     """An image folder: ``path/train`` + ``path/test`` if both exist, else one folder split three ways.
 
-    Without a ``train``/``test`` layout, a seeded 10% of the images becomes the test set, and
-    ``val_size`` images (at most 10% of the rest) the validation set.
+    Every file is checked once first (see :func:`_scan`). The split is stratified and seeded:
+    in each class, the files are ordered by a hash of the seed and their own path; without a
+    ``train``/``test`` layout the first 10% (at least one) are the test images; of the rest,
+    10% (at least one) are validation images, with at most ``val_size`` in all when that still
+    leaves one per class. ``split`` records the assignment by relative path, with each file's
+    SHA-256, so a resumed run can tell whether the folder changed.
     """
+    _check_folder_path(path)
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     plain = v2.Compose(_normalize(mean, std))
     augmented = train_transform(augment, image_size, mean, std)
-    if (path / "train").is_dir() and (path / "test").is_dir():
-        classes, files, labels = _scan_folder(path / "train")
-        test_classes, test_files, test_labels = _scan_folder(path / "test")
-        if test_classes != classes:
+    layout = (path / "train").is_dir() and (path / "test").is_dir()
+    parts = ("train", "test") if layout else ("",)
+    classes_of, good, skipped = _scan(path, parts, skip_bad_images)
+    pool, test_items = {}, {}
+    if layout:
+        classes = classes_of["train"]
+        if classes_of["test"] != classes:
             raise DataError(f"{path}/train and {path}/test have different class folders; give them the same classes.")
-        test = ImageTensorDataset(_ImageLoader(test_files, image_size), test_labels, plain)
+        _check_classes(path / "test", good["test"], 1, "test")
+        _check_classes(path / "train", good["train"], 2, "training and one validation")
+        pool, test_items = good["train"], good["test"]
     else:
-        classes, all_files, all_labels = _scan_folder(path)
-        rest, held_out = split_indices(len(all_files), max(len(all_files) // 10, 1), seed)
-        files = [all_files[i] for i in rest]
-        labels = [all_labels[i] for i in rest]
-        test = ImageTensorDataset(_ImageLoader([all_files[i] for i in held_out], image_size),
-                                  [all_labels[i] for i in held_out], plain)
-    loader = _ImageLoader(files, image_size)
-    return _bundle(
-        ImageTensorDataset(loader, labels, augmented), test, ImageTensorDataset(loader, labels, plain),
-        classes=classes, source=f"folder:{path}", mean=mean, std=std,
-        val_size=min(val_size, max(len(files) // 10, 1)), seed=seed, subset=subset,
+        classes = classes_of[""]
+        _check_classes(path, good[""], 3, "training, one validation and one test")
+        for name, items in good[""].items():
+            ordered = _hash_order(items, path, seed)
+            n_test = max(len(ordered) // 10, 1)
+            test_items[name], pool[name] = ordered[:n_test], ordered[n_test:]
+    wanted = {name: max(len(items) // 10, 1) for name, items in pool.items()}
+    if sum(wanted.values()) > val_size >= len(wanted):  # cap the validation set, keeping one per class
+        wanted = {name: max(n * val_size // sum(wanted.values()), 1) for name, n in wanted.items()}
+    train_items, val_items = [], []
+    for label, name in enumerate(classes):
+        ordered = _hash_order(pool[name], path, seed + 1)
+        val_items += [(f, h, label) for f, h in ordered[: wanted[name]]]
+        train_items += [(f, h, label) for f, h in ordered[wanted[name]:]]
+    tests = [(f, h, classes.index(name)) for name in classes for f, h in test_items[name]]
+    if subset is not None:
+        if subset < 1:
+            raise ValueError(f"subset={subset} must be a positive number of training images.")
+        order = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(seed + 1))
+        train_items = [train_items[i] for i in sorted(order[:subset].tolist())]
+
+    def dataset(items, transform):
+        return ImageTensorDataset(_ImageLoader([f for f, _, _ in items], image_size), [y for _, _, y in items],
+                                  transform)
+
+    def rel(items):
+        return [f.relative_to(path).as_posix() for f, _, _ in items]
+
+    split = {"files": {f.relative_to(path).as_posix(): h for f, h, _ in train_items + val_items + tests},
+             "train": rel(train_items), "val": rel(val_items), "test": rel(tests)}
+    return DataBundle(
+        train=dataset(train_items, augmented), val=dataset(val_items, plain), test=dataset(tests, plain),
+        classes=tuple(classes), source=f"folder:{path}", mean=mean, std=std, split=split,
+        skipped={what: n for what, n in skipped.items() if n},
     )
 
 
@@ -530,6 +837,7 @@ def load_data(
     allow_synthetic: bool = False,
     subset: int | None = None,
     download: bool = True,
+    skip_bad_images: bool = False,
 ) -> DataBundle:
     """Load a dataset as a :class:`DataBundle` of train / validation / test datasets.
 
@@ -543,6 +851,8 @@ def load_data(
         allow_synthetic: if CIFAR-10 is absent and cannot be downloaded (not if it is corrupt), warn in one sentence and use :func:`make_synthetic` data.
         subset: keep only this many (seeded, random) training images.
         download: try to download CIFAR-10 when it is absent (never when ``$VITCOURSE_OFFLINE`` is set).
+        skip_bad_images: image folders only: leave out unreadable and corrupt files (counted in
+            ``DataBundle.skipped``) instead of raising :class:`DataError` that names them.
 
     Returns:
         A :class:`DataBundle`; its ``source`` says which data was loaded.
@@ -563,4 +873,4 @@ def load_data(
     looks_like_path = os.sep in name or name.startswith(".") or Path(name).expanduser().exists()
     if not looks_like_path:
         raise DataError(f"unknown dataset {name!r}; use 'cifar10', 'synthetic' or the path of an image folder.")
-    return _folder(Path(name).expanduser(), image_size, augment, val_size, seed, subset)
+    return _folder(Path(name).expanduser(), image_size, augment, val_size, seed, subset, skip_bad_images)

@@ -2,16 +2,26 @@
 
 Run it from the command line::
 
-    python -m vitcourse.train --config quick --out runs/quick          # a few minutes on a CPU
+    vitcourse train --config quick --out runs/quick                    # a few minutes on a CPU
+    python -m vitcourse.train --config quick --out runs/quick          # the same
     python -m vitcourse.train --config cifar10 --out runs/cifar10      # the full recipe, for a GPU
     torchrun --nproc_per_node 4 -m vitcourse.train --config cifar10    # several GPUs (or CPU processes)
 
 or from Python with :func:`train`. A run writes into its output directory:
 
-* ``metrics.jsonl`` - one JSON object per epoch (losses, accuracy, the learning rate of the epoch's
-  last step, images/s, data source), always the rows of ``last.pt``;
-* ``last.pt`` - everything needed to resume exactly (model, optimizer, scheduler, RNG, data position);
-* ``best.pt`` - the weights with the best validation accuracy so far;
+* ``metrics.jsonl`` - one strict-JSON object per epoch (losses, accuracy, the learning rate of the
+  epoch's last step, images/s, data source; a non-finite number is ``null``), always the rows
+  of ``resume.pt``;
+* ``best.safetensors`` - the weights with the best validation accuracy so far, and
+  ``last.safetensors`` - the weights at the last checkpoint; both carry the run's config,
+  classes, data statistics and metrics as JSON in the safetensors metadata, plus a checksum
+  of the weights. These are the files to share: :func:`load_checkpoint` (and
+  :func:`vitcourse.evaluate.load_trained`) read them without running any code;
+* ``resume.pt`` - everything needed to resume exactly (weights, optimizer, scheduler, random
+  states, data position), tensors and plain Python values only, read with
+  ``torch.load(weights_only=True)``;
+* ``split.json`` - which examples are train, validation and test (for an image folder: the
+  files by path, with their SHA-256). ``--resume`` refuses a folder whose files changed;
 * ``train.log`` - the same lines the command line prints.
 
 Exact resume: the training data order and every image's augmentation are functions of
@@ -43,7 +53,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import AUGMENTATIONS, DataBundle, DataError, load_data
-from .utils import runs_dir
+from .utils import atomic_write, runs_dir
 from .vit import ViTConfig, VisionTransformer
 
 __all__ = [
@@ -57,6 +67,14 @@ __all__ = [
     "learning_rates",
     "evaluate_model",
     "load_checkpoint",
+    "save_weights",
+    "convert_checkpoint",
+    "strict_json",
+    "CheckpointError",
+    "BEST_FILE",
+    "LAST_FILE",
+    "RESUME_FILE",
+    "SPLIT_FILE",
     "read_metrics",
     "fingerprint",
     "main",
@@ -209,11 +227,11 @@ class ConfigMismatch(ValueError):
 # --------------------------------------------------------------------------- data, model, optimizer
 
 
-def build_data(cfg: TrainConfig) -> DataBundle:
-    """The :class:`~vitcourse.data.DataBundle` a config asks for."""
+def build_data(cfg: TrainConfig, *, skip_bad_images: bool = False) -> DataBundle:
+    """The :class:`~vitcourse.data.DataBundle` a config asks for (see :func:`vitcourse.data.load_data`)."""
     return load_data(
         cfg.data, root=cfg.data_root, image_size=cfg.image_size, val_size=cfg.val_size, seed=cfg.seed,
-        augment=cfg.augment, allow_synthetic=cfg.allow_synthetic, subset=cfg.subset,
+        augment=cfg.augment, allow_synthetic=cfg.allow_synthetic, subset=cfg.subset, skip_bad_images=skip_bad_images,
     )
 
 
@@ -387,8 +405,31 @@ def _all_sum(values: list[float], ctx: _Dist) -> list[float]:
 # --------------------------------------------------------------------------- checkpoints
 
 
+LAST_FILE = "last.safetensors"
+"""The weights at the run's last checkpoint, with the run's information (safetensors, shareable)."""
+BEST_FILE = "best.safetensors"
+"""The weights of the epoch with the best validation accuracy, with the run's information."""
+RESUME_FILE = "resume.pt"
+"""Everything exact resume needs; only tensors and plain Python values, read with ``weights_only=True``."""
+SPLIT_FILE = "split.json"
+"""Which examples (for an image folder: which files, with their SHA-256) are train, val and test."""
+FORMAT = "vitcourse-checkpoint-1"
+_INFO_KEYS = ("config", "classes", "source", "mean", "std", "model_name")
+
+
+class CheckpointError(ValueError):
+    """A file is not a readable vitcourse checkpoint; the message says what it is and what to do."""
+
+
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random states as tensors and plain values (no NumPy objects: see :data:`RESUME_FILE`)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": random.getstate(),  # (version, tuple of 625 ints, None)
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -396,41 +437,355 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, flushed to disk, then renamed over ``path`` (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _weights_hash(weights: dict[str, Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes: it detects damaged weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        t = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
-def _write_metrics(out: Path, rows: list[dict]) -> None:
-    """Replace ``out/metrics.jsonl`` by ``rows``, one JSON object per line, atomically (temporary file, rename)."""
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, out / "metrics.jsonl")
+def _plain_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict as independent CPU tensors (safetensors refuses shared storage)."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_weights(path: str | os.PathLike, weights: dict[str, Tensor], info: dict) -> None:
+    """Write ``weights`` and the run's ``info`` (JSON) as one safetensors file, atomically.
+
+    ``info`` holds at least ``config``, ``classes``, ``source``, ``mean``, ``std`` and
+    ``model_name``; a SHA-256 of the weights is added so that damage is detected on loading.
+    """
+    from safetensors.torch import save
+
+    info = {**info, "format": FORMAT, "weights_sha256": _weights_hash(weights)}
+    clean, _ = strict_json(info)
+    atomic_write(path, save(weights, metadata={"vitcourse": json.dumps(clean, allow_nan=False)}))
+
+
+def _save_resume(obj: dict, path: Path) -> None:
+    """``torch.save`` of tensors and plain values only (so ``weights_only=True`` reads it), atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def strict_json(value: Any) -> tuple[Any, list[str]]:
+    """``value`` with every non-finite float (NaN, inf) replaced by ``None``, and where they were.
+
+    JSON has no NaN or infinity; ``json.dumps(strict_json(v)[0], allow_nan=False)`` is valid
+    for any strict parser. The second element names the replaced entries (``"test_loss"``).
+    """
+    replaced: list[str] = []
+
+    def clean(v, where):
+        if isinstance(v, float) and not math.isfinite(v):
+            replaced.append(where or "value")
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x, f"{where}.{k}" if where else str(k)) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x, f"{where}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    return clean(value, ""), replaced
+
+
+def _write_metrics(out: Path, rows: list[dict]) -> list[str]:
+    """Replace ``out/metrics.jsonl`` by ``rows`` (strict JSON, one object per line) atomically; returns
+    the entries that were not finite and were written as ``null``."""
+    clean, replaced = strict_json(rows)
+    atomic_write(out / "metrics.jsonl", "".join(json.dumps(r, allow_nan=False) + "\n" for r in clean))
+    return replaced
+
+
+# Objects an old (before safetensors) last.pt holds besides tensors and plain values: NumPy's random
+# state. Allow-listed by name for weights_only loading; nothing else is ever unpickled.
+def _numpy_globals() -> list:
+    core = np._core if hasattr(np, "_core") else np.core
+    reconstruct = core.multiarray._reconstruct
+    allowed = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), reconstruct,
+               (reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct")]
+    return allowed
+
+
+def _unsafe_name(path: Path, err: Exception) -> str | None:
+    """The first function or class a refused pickle names that is not a tensor or container
+    (``"builtins.open"``), read from the pickle's opcodes without executing any; ``None`` if none."""
+    import pickletools
+    import re
+    import zipfile
+
+    found: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                data = archive.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("GLOBAL", "INST"):
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:
+        pass  # a damaged stream: keep what was found before the damage
+    plain = ("torch.", "collections.OrderedDict", "numpy.core.multiarray._reconstruct",
+             "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype", "_codecs.encode")
+    unsafe = [g for g in found if not g.startswith(plain)]
+    if unsafe:
+        return unsafe[0]
+    named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    return named.group(1) if named else None
+
+
+def _load_pt(path: Path) -> dict:
+    """A ``.pt`` file through ``torch.load(weights_only=True)``: tensors and plain values only, no code."""
+    import pickle
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it all
+            with open(path, "rb") as f:  # a file object: the format is read from the bytes, not the file's name
+                return torch.load(f, map_location="cpu", weights_only=True)
+
+    try:
+        try:
+            return load()
+        except pickle.UnpicklingError:
+            with torch.serialization.safe_globals(_numpy_globals()):  # an old last.pt with NumPy random state
+                return load()
+    except pickle.UnpicklingError as err:
+        code = _unsafe_name(path, err)
+        if code is None:
+            raise CheckpointError(f"{path} is not readable: it is corrupt or not a checkpoint file; copy it again or "
+                                  f"pick another checkpoint.") from None
+        raise CheckpointError(
+            f"{path} was not loaded because it asks to run code ({code}) or build objects other than tensors and "
+            f"plain values; it is not a vitcourse checkpoint, so do not use it."
+        ) from None
+    except Exception:
+        raise CheckpointError(f"{path} is not readable: it is truncated, corrupt or not a PyTorch file; "
+                              f"copy it again or pick another checkpoint.") from None
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:
+        raise CheckpointError(f"{path} is not readable: it is truncated or corrupt (not a complete safetensors "
+                              f"file); copy it again or pick another checkpoint.") from None
+    if "vitcourse" not in metadata:
+        raise CheckpointError(f"{path} holds weights but no vitcourse run information (config, classes); it is not "
+                              f"a vitcourse checkpoint (timm weights load with vitcourse.timm_compat).")
+    try:
+        info = json.loads(metadata["vitcourse"])
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path} has damaged run information (not a JSON object); copy it again or retrain.")
+    return {**info, "model": weights}
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`train`; :class:`FileNotFoundError` / :class:`ValueError` with a clear message."""
-    path = Path(path)
+    """Read a checkpoint safely: no code inside it ever runs.
+
+    Accepts ``best.safetensors`` / ``last.safetensors`` (weights plus the run's information as
+    JSON), ``resume.pt`` and the ``best.pt`` / ``last.pt`` files of older vitcourse versions
+    (read with ``torch.load(weights_only=True)``; an old ``last.pt``'s NumPy random state is
+    allow-listed by name).
+
+    Returns:
+        A dict with ``model`` (the state dict: name -> tensor), ``config`` (a :class:`TrainConfig`
+        as a dict), ``classes``, ``source``, ``mean``, ``std``, ``model_name`` and, where known,
+        ``epoch`` (epochs behind the weights), ``step``, ``val_acc`` and ``metrics`` (that epoch's
+        row of ``metrics.jsonl``); ``resume.pt`` (and an
+        old ``last.pt``) also hold ``optimizer``, ``scheduler``, ``scaler``, ``state`` and ``rng``.
+
+    Raises:
+        CheckpointError: (a ``ValueError``) missing, a folder, unreadable, damaged, containing code,
+            or not a vitcourse checkpoint; the message is one sentence saying what to do.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        hint = f"; pass {path / BEST_FILE}" if (path / BEST_FILE).exists() else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint or '; pass the path of a ' + BEST_FILE + ' file'}.")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass the path of a {BEST_FILE} file written by training.")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .pt file written by training.")
+        raise CheckpointError(f"{path} is not a regular file (a device, pipe or socket); pass the path of a "
+                              f"{BEST_FILE} file written by training.")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
-        raise ValueError(f"checkpoint {path} is not readable (corrupt or not a PyTorch file); retrain or pick another.") from None
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a vitcourse training checkpoint (no config/model inside).")
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be opened ({err.strerror}); check its permissions.") from None
+    if len(head) == 9 and head[8:9] == b"{":  # safetensors: an 8-byte header length, then the JSON header
+        checkpoint = _load_safetensors(path)
+    else:
+        checkpoint = _load_pt(path)
+    return _validated(checkpoint, path)
+
+
+def _validated(checkpoint: Any, path: Path) -> dict:
+    """Check that a loaded checkpoint has what evaluation and resume need; :class:`CheckpointError` if not."""
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "config" not in checkpoint:
+        raise CheckpointError(f"{path} is not a vitcourse training checkpoint (no config and weights inside); "
+                              f"pass a {BEST_FILE} written by training.")
+    missing = [k for k in ("classes",) if k not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path} is not a complete vitcourse checkpoint: it has no {missing[0]!r} entry; "
+                              f"use the file training wrote, unedited.")
+    weights = checkpoint["model"]
+    if not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
+        raise CheckpointError(f"{path} is not a vitcourse checkpoint: its 'model' entry is not a set of tensors.")
+    classes = checkpoint["classes"]
+    if not isinstance(classes, (list, tuple)) or len(classes) < 1 or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{path} has a damaged 'classes' entry (not a list of class names); use the file "
+                              f"training wrote, unedited.")
+    try:
+        TrainConfig.from_dict(checkpoint["config"])
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        config = checkpoint["config"] if isinstance(checkpoint["config"], dict) else {}
+        unknown = sorted(set(config) - known)
+        what = f"settings this vitcourse does not know ({', '.join(unknown)})" if unknown else f"an invalid configuration ({err})"
+        raise CheckpointError(f"{path} has {what}; it was written by another vitcourse version or edited, so "
+                              f"use a checkpoint from this version.".replace("\n", " ")) from None
+    expected = checkpoint.get("weights_sha256")
+    if expected is not None and _weights_hash(weights) != expected:
+        raise CheckpointError(f"{path} is damaged: its weights do not match the checksum stored with them; "
+                              f"copy it again or retrain.")
+    checkpoint.setdefault("source", checkpoint["config"].get("data"))
+    checkpoint.setdefault("model_name", checkpoint["config"].get("model"))
+    if "epoch" not in checkpoint and isinstance(checkpoint.get("state"), dict):  # resume.pt, old last.pt
+        checkpoint["epoch"] = checkpoint["state"].get("epoch")
+        checkpoint["step"] = checkpoint["state"].get("step")
     return checkpoint
+
+
+def convert_checkpoint(old: str | os.PathLike, new: str | os.PathLike) -> Path:
+    """Rewrite a checkpoint (e.g. an old ``best.pt``) as a safetensors file ``new``; returns ``new``.
+
+    The old file is read by :func:`load_checkpoint`, so nothing in it runs.
+    """
+    checkpoint = load_checkpoint(old)
+    info = {k: checkpoint[k] for k in (*_INFO_KEYS, "epoch", "step", "val_acc") if k in checkpoint}
+    save_weights(new, {k: v.contiguous().clone() for k, v in checkpoint["model"].items()}, info)
+    return Path(new)
+
+
+def _load_resume(path: Path) -> dict:
+    """``resume.pt`` through :func:`load_checkpoint`, with the entries exact resume needs."""
+    checkpoint = load_checkpoint(path)
+    missing = [k for k in ("optimizer", "scheduler", "scaler", "state", "rng") if k not in checkpoint]
+    if missing or checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a vitcourse resume state (no {missing[0] if missing else 'format'} "
+                              f"entry); train into another --out folder.")
+    return checkpoint
+
+
+def _split_hash(record: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _check_same_split(path: Path, record: dict) -> None:
+    """:class:`ConfigMismatch` unless the data now splits exactly as recorded in ``split.json`` at the run's start.
+
+    For an image folder the files are compared by path and SHA-256: a resumed run never moves an
+    image between train, validation and test, so its test accuracy stays a test accuracy.
+    """
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigMismatch(f"{path} is missing or damaged, so the run's train/val/test split is unknown and it "
+                             f"cannot be resumed safely; train into another --out folder.") from None
+    if recorded == json.loads(json.dumps(record)):
+        return
+    old, new = recorded.get("files") or {}, record.get("files") or {}
+    if old or new:
+        changes = [("removed", sorted(set(old) - set(new))), ("added", sorted(set(new) - set(old))),
+                   ("changed", sorted(k for k in set(old) & set(new) if old[k] != new[k]))]
+        named, parts = 10, []
+        for what, names in changes:
+            if names:
+                shown = names[:named]
+                named -= len(shown)
+                more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+                parts.append(f"{len(names)} {what}" + (f": {', '.join(shown)}{more}" if shown else ""))
+        detail = "; ".join(parts) or "its files are split differently"
+        raise ConfigMismatch(f"the image folder changed since this run started ({detail}), and resuming would move "
+                             f"images between train and test; restore the folder as it was, or train into another "
+                             f"--out folder.")
+    raise ConfigMismatch(f"the data splits differently from when this run started ({path}); resume with the same "
+                         f"data and settings, or train into another --out folder.")
+
+
+def _repair_last(out: Path, checkpoint: dict) -> None:
+    """Rewrite ``last.safetensors`` from ``resume.pt`` if a kill left it missing or a checkpoint behind."""
+    try:
+        current = load_checkpoint(out / LAST_FILE)
+        if current.get("step") == checkpoint["state"]["step"]:
+            return
+    except CheckpointError:
+        pass
+    info = {k: checkpoint[k] for k in (*_INFO_KEYS, "split_sha256") if k in checkpoint}
+    save_weights(out / LAST_FILE, checkpoint["model"], {**info, "kind": "last", "epoch": checkpoint["state"]["epoch"],
+                                                        "step": checkpoint["state"]["step"], "finished": True})
+
+
+def _load_data(cfg: TrainConfig, ctx: "_Dist", skip_bad_images: bool) -> DataBundle:
+    """:func:`build_data`, process 0 first under ``torchrun``: it downloads or generates the data (under a
+    file lock, see :func:`vitcourse.data.data_lock`) while the others wait at a barrier, then they load
+    the prepared copy. An error on process 0 is raised on every process, so none waits forever.
+
+    The barrier runs in a separate gloo group whose timeout outlasts the download's own deadline
+    (:data:`vitcourse.data.DOWNLOAD_DEADLINE`): the default group's timeout (10 minutes for NCCL)
+    would end a slow but healthy download with an unexplained collective timeout.
+    """
+    if ctx.world == 1 or not dist.is_initialized():
+        return build_data(cfg, skip_bad_images=skip_bad_images)
+    from datetime import timedelta
+
+    from .data import DOWNLOAD_DEADLINE
+
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=DOWNLOAD_DEADLINE + 600))
+    failure: list = [None]
+    data = None
+    if ctx.main:
+        try:
+            data = build_data(cfg, skip_bad_images=skip_bad_images)
+        except (DataError, ValueError) as err:
+            failure = [(isinstance(err, DataError), str(err))]
+    dist.barrier(group=group)  # the others start loading only once process 0 has prepared the data
+    dist.broadcast_object_list(failure, src=0, group=group, device=torch.device("cpu"))
+    if failure[0] is not None:
+        is_data_error, message = failure[0]
+        raise (DataError if is_data_error else ValueError)(message)
+    return data if data is not None else build_data(cfg, skip_bad_images=skip_bad_images)
 
 
 def _check_same_run(checkpoint: dict, cfg: TrainConfig, source: str, world: int, path: Path) -> None:
@@ -505,16 +860,17 @@ def evaluate_model(model: nn.Module, dataset: Dataset, batch_size: int = 500, de
 
 
 def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, resume: bool = True,
-          progress: bool = True, verbose: bool = False) -> list[dict]:
+          progress: bool = True, verbose: bool = False, skip_bad_images: bool = False) -> list[dict]:
     """Train ``cfg`` (a :class:`TrainConfig` or the name of one) and return the per-epoch metrics.
 
     Args:
         cfg: the run's configuration.
         out_dir: where metrics and checkpoints go (default ``runs_dir() / cfg.name``).
-        resume: continue from ``out_dir/last.pt`` if it exists (a finished run returns its
+        resume: continue from ``out_dir/resume.pt`` if it exists (a finished run returns its
             stored metrics at once). With ``resume=False`` an existing run is an error.
         progress: show a tqdm progress bar.
         verbose: also print one line per epoch (the command line does).
+        skip_bad_images: leave unreadable or corrupt files of an image folder out instead of stopping.
 
     Returns:
         The rows of ``metrics.jsonl``: dicts with ``epoch``, ``step``, ``train_loss``, ``train_acc``,
@@ -522,33 +878,42 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
         ``images_per_sec``, ``epoch_time``, ``data`` (the data actually used, e.g. ``"synthetic"``).
 
     Raises:
-        ConfigMismatch: ``out_dir`` holds a run with another configuration, other data or
-            another number of processes.
+        ConfigMismatch: ``out_dir`` holds a run with another configuration, other data, another
+            split (the image folder changed) or another number of processes, or a run of an older
+            vitcourse version.
         vitcourse.data.DataError: the data is missing or malformed.
     """
     cfg = CONFIGS[cfg] if isinstance(cfg, str) else cfg
     out = Path(out_dir) if out_dir is not None else runs_dir() / cfg.name
     ctx = _init_distributed()
-    last_path = out / "last.pt"
-    if last_path.exists() and not resume:
+    resume_path = out / RESUME_FILE
+    if resume_path.exists() and not resume:
         raise FileExistsError(f"{out} already holds a run; resume it (--resume) or choose another output directory.")
+    if not resume_path.exists() and (out / "last.pt").exists():
+        raise ConfigMismatch(f"{out} holds a run of an older vitcourse (last.pt, before safetensors checkpoints) that "
+                             f"cannot be continued; train into another --out folder (its best.pt still evaluates).")
 
-    # ---- data: warnings (e.g. "CIFAR-10 not found, using synthetic") go to the log, not to stderr
+    # ---- data (process 0 first): warnings (e.g. "CIFAR-10 not found, using synthetic") go to the log
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = build_data(cfg)
+        data = _load_data(cfg, ctx, skip_bad_images)
+    record = data.split_record()
 
-    # ---- an earlier run in `out` must be this run (same config, data and processes); it may be finished
-    checkpoint = load_checkpoint(last_path) if last_path.exists() else None
+    # ---- an earlier run in `out` must be this run (same config, data, split and processes); it may be finished
+    checkpoint = _load_resume(resume_path) if resume_path.exists() else None
     if checkpoint is not None:
-        _check_same_run(checkpoint, cfg, data.source, ctx.world, last_path)
+        _check_same_run(checkpoint, cfg, data.source, ctx.world, resume_path)
+        _check_same_split(out / SPLIT_FILE, record)
         if _finished(checkpoint, cfg):
             rows = checkpoint["state"]["rows"]
             if ctx.main:
                 _write_metrics(out, rows)  # metrics.jsonl is always the checkpoint's rows
+                _repair_last(out, checkpoint)
             return rows
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
+        if checkpoint is None:
+            atomic_write(out / SPLIT_FILE, json.dumps(record, indent=1))  # before any checkpoint refers to it
 
     def log(line: str) -> None:
         if ctx.main:
@@ -588,29 +953,35 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
     torch.manual_seed(cfg.seed + ctx.rank)  # dropout and mixup differ between processes
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        model.to(ctx.device)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         state = checkpoint["state"]
         state["rows"] = [r for r in state["rows"] if not r.get("partial_epoch")]
         _set_rng_state(checkpoint["rng"][ctx.rank])
-        log(f"resumed from {last_path} at step {state['step']}")
+        log(f"resumed from {resume_path} at step {state['step']}")
     if ctx.main:
         _write_metrics(out, state["rows"])  # drops rows written after the checkpoint we resume from
+    info = {"config": cfg.to_dict(), "classes": list(data.classes), "source": data.source, "mean": list(data.mean),
+            "std": list(data.std), "model_name": cfg.model, "split_sha256": _split_hash(record)}
 
     def save(finished: bool) -> None:
-        """Write last.pt (all processes' RNG states gathered on process 0)."""
+        """Write resume.pt, then last.safetensors (all processes' RNG states gathered on process 0)."""
         rng = [_rng_state()]
         if ctx.world > 1:
             rng = [None] * ctx.world
             dist.all_gather_object(rng, _rng_state())
         if ctx.main:
-            _atomic_save({
-                "config": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state, "rng": rng,
-                "finished": finished, "classes": data.classes, "source": data.source, "mean": data.mean,
-                "std": data.std, "model_name": cfg.model,
-            }, last_path)
+            weights = _plain_weights(model)
+            _save_resume({
+                **info, "format": FORMAT, "model": weights, "weights_sha256": _weights_hash(weights),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "state": state, "rng": rng, "finished": finished,
+            }, resume_path)
+            save_weights(out / LAST_FILE, weights, {**info, "kind": "last", "epoch": state["epoch"],
+                                                    "step": state["step"], "finished": finished,
+                                                    "metrics": state["rows"][-1] if state["rows"] else None})
 
     budget = min(total_steps, cfg.max_steps or total_steps)
     bar = _progress_bar(progress and ctx.main, total=budget, initial=state["step"], desc=cfg.name)
@@ -672,17 +1043,20 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
             state["epoch"], state["batch"] = epoch + 1, 0
             state["partial"] = {"loss": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0}
         state["rows"].append(row)
-        # best.pt: the best full epoch so far (a budget stop mid-epoch only writes one if there is none yet)
+        # best: the best full epoch so far (a budget stop mid-epoch only writes one if there is none yet)
         improved = val["acc"] > state["best_val_acc"] and not partial_epoch
-        if improved or (partial_epoch and not (out / "best.pt").exists()):
+        if improved or (partial_epoch and not (out / BEST_FILE).exists()):
             state["best_val_acc"] = val["acc"] if improved else state["best_val_acc"]
             if ctx.main:
-                _atomic_save({"config": cfg.to_dict(), "model": model.state_dict(), "epoch": epoch + 1,
-                              "val_acc": val["acc"], "classes": data.classes, "source": data.source,
-                              "mean": data.mean, "std": data.std, "model_name": cfg.model}, out / "best.pt")
+                save_weights(out / BEST_FILE, _plain_weights(model), {
+                    **info, "kind": "best", "epoch": epoch + 1, "step": state["step"], "val_acc": val["acc"],
+                    "metrics": row})
         # metrics.jsonl first: a kill between the two leaves an extra row that resuming rewrites away
         if ctx.main:
-            _write_metrics(out, state["rows"])
+            for entry in _write_metrics(out, state["rows"]):
+                if entry.startswith(f"[{len(state['rows']) - 1}]"):  # this epoch's row
+                    log(f"warning: {entry.split('.', 1)[1]} of epoch {epoch + 1} is not a finite number; "
+                        f"metrics.jsonl holds null there")
         save(finished=stop or state["epoch"] == cfg.epochs)
         log(f"epoch {epoch + 1}/{cfg.epochs} step {state['step']}: train_loss {row['train_loss']:.4f} "
             f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} last lr {row['lr']:.2e} "
@@ -720,14 +1094,21 @@ def _write(line: str, progress: bool) -> None:
 
 # --------------------------------------------------------------------------- command line
 
+DESCRIPTION = ("Train a model of the course. Writes OUT/metrics.jsonl, OUT/best.safetensors, OUT/last.safetensors, "
+               "OUT/resume.pt, OUT/split.json and OUT/train.log.")
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m vitcourse.train",
-        description="Train a model of the course. Writes OUT/metrics.jsonl, OUT/last.pt and OUT/best.pt.",
-        epilog="Example: python -m vitcourse.train --config quick --out runs/quick. Under torchrun the same "
-               "command trains with DistributedDataParallel.",
-    )
+
+def epilog(prog: str) -> str:
+    """The examples shown by ``--help`` (``prog``: how the command is called)."""
+    return (f"examples:\n"
+            f"  {prog} --config quick --out runs/quick\n"
+            f"  {prog} --config quick --data my_images --out runs/mine --skip-bad-images\n"
+            f"  {prog} --config quick --out runs/quick --resume\n"
+            f"Under torchrun the same command trains with DistributedDataParallel.")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``vitcourse train`` / ``python -m vitcourse.train`` (one definition for both)."""
     p.add_argument("--config", default="quick", help=f"named configuration: {', '.join(CONFIGS)} (default: quick)")
     p.add_argument("--data", help="cifar10, synthetic, or the path of an image folder (<folder>/<class>/<image>)")
     p.add_argument("--model", help="network: vit, cnn, or an Ultimus variant of chapter 6 (default: the config's)")
@@ -741,14 +1122,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, help="data-loading worker processes")
     p.add_argument("--out", help="output directory (default: runs/<config>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable or corrupt images of an image folder out (they are counted in the log)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def _parser(prog: str = "python -m vitcourse.train") -> argparse.ArgumentParser:
+    from .cli import Parser  # errors in one line
+
+    return add_arguments(Parser(prog=prog, description=DESCRIPTION, epilog=epilog(prog),
+                                formatter_class=argparse.RawDescriptionHelpFormatter))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The named config with the command-line overrides applied."""
     if args.config not in CONFIGS:
         raise ValueError(f"unknown configuration {args.config!r}; choose one of {', '.join(CONFIGS)}.")
+    checks = [
+        ("num_workers", lambda v: v >= 0, "--num-workers must be 0 or more"),
+        ("seed", lambda v: v >= 0, "--seed must be 0 or more"),
+        ("subset", lambda v: v >= 1, "--subset must be a positive number of images"),
+        ("lr", lambda v: math.isfinite(v) and v > 0, "--lr must be a positive number"),
+    ]
+    for name, ok, message in checks:
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            raise ValueError(f"{message}, got {value}.")
+    for name in ("epochs", "max_steps", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}.")
     cfg = CONFIGS[args.config]
     changes = {k: getattr(args, k) for k in ("data", "model", "data_root", "epochs", "max_steps", "batch_size", "subset",
                                              "seed", "num_workers") if getattr(args, k) is not None}
@@ -759,25 +1163,64 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg.replace(**changes)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m vitcourse.train``; returns the exit code."""
-    args = _parser().parse_args(argv)
+def _data_folder(name: str) -> Path | None:
+    """The image folder ``--data`` names, or ``None`` for ``cifar10`` / ``synthetic``."""
+    return None if name in ("cifar10", "synthetic") else Path(name).expanduser()
+
+
+def check_paths(cfg: TrainConfig, out: Path, resume: bool) -> None:
+    """Every path of a training run, checked before anything loads: :class:`ValueError` with one sentence."""
+    from .cli import check_input_dir, check_out_dir
+
+    folder = _data_folder(cfg.data)
+    if folder is not None and (folder.exists() or os.sep in cfg.data or cfg.data.startswith(".")):
+        check_input_dir(folder, "--data", "a folder of images laid out as <folder>/<class>/<image>")
+    if cfg.data_root is not None and Path(cfg.data_root).expanduser().is_file():
+        raise ValueError(f"--data-root {cfg.data_root} is a file, not a folder; pass the folder that holds (or will "
+                         f"hold) cifar-10-batches-py.")
+    check_out_dir(out, data=folder if folder is not None and folder.is_dir() else None)
+    if resume and not (out / RESUME_FILE).exists():
+        if (out / "last.pt").exists():
+            raise ConfigMismatch(f"{out} holds a run of an older vitcourse (last.pt, before safetensors checkpoints) "
+                                 f"that cannot be continued; train into another --out folder.")
+        raise ValueError(f"--resume: {out} holds no run to resume; leave out --resume to start a new run there.")
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (the command line prints exactly one)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.strerror:
+        text = f"{err.strerror}: {err.filename}" if err.filename else err.strerror
+        text = f"could not use a file ({text}); check the path, its permissions and the free disk space."
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed command line of ``vitcourse train``; returns the exit code."""
     try:
         cfg = config_from_args(args)
-        rows = train(cfg, args.out, resume=args.resume, progress=not args.no_progress, verbose=True)
-    except (DataError, ConfigMismatch, FileExistsError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        out = Path(args.out).expanduser() if args.out else runs_dir() / cfg.name
+        check_paths(cfg, out, args.resume)
+        rows = train(cfg, out, resume=args.resume, progress=not args.no_progress, verbose=True,
+                     skip_bad_images=args.skip_bad_images)
+    except (DataError, ConfigMismatch, FileExistsError, FileNotFoundError, ValueError, OSError) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue later with the same command plus --resume.", file=sys.stderr)
         return 130
     if rows and (not dist.is_initialized() or dist.get_rank() == 0):
         last = rows[-1]
-        print(f"done: epoch {last['epoch']}, val_acc {last['val_acc']:.4f}, data {last['data']}; "
-              f"outputs in {args.out or runs_dir() / cfg.name}")
+        val_acc = "n/a" if last.get("val_acc") is None else f"{last['val_acc']:.4f}"
+        print(f"done: epoch {last['epoch']}, val_acc {val_acc}, data {last['data']}; outputs in {out}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m vitcourse.train") -> int:
+    """Entry point of ``python -m vitcourse.train`` (and ``vitcourse train``); returns the exit code."""
+    return run(_parser(prog).parse_args(argv))
 
 
 if __name__ == "__main__":
