@@ -114,7 +114,7 @@ def check_out_dir(path: str | os.PathLike, *, flag: str = "--out", data: str | o
                                             "(default: $VITCOURSE_GRADING_SALT, else none)"}),
     (("--no-progress",), {"action": "store_true", "help": "no progress bar"}),
     (("--hidden",), {"type": Path, "default": None,
-                     "help": "the hidden checks to grade with (default: the ones shipped with vitcourse)"}),
+                     "help": "the folder of hidden checks (default: grading/hidden of this repository, or $VITCOURSE_HIDDEN)"}),
     (("--unsafe-no-sandbox",), {"action": "store_true",
                                 "help": "run student code without the sandbox (only for code you trust)"}),
 ], example="vitcourse grade submissions/ch01 --out grades/ch01")
