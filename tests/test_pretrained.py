@@ -64,6 +64,18 @@ def test_unreachable_hub_falls_back_without_trying_to_download(monkeypatch):
     assert not checkpoint.pretrained and "cannot be reached" in checkpoint.reason
 
 
+def test_hub_probe_trusts_a_proxy_and_reports_a_failed_connection(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("no route")
+
+    monkeypatch.setattr(pretrained.socket, "create_connection", refuse)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert pretrained._hub_reachable(timeout=0.1) is False
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    assert pretrained._hub_reachable(timeout=0.1) is True
+
+
 def test_resize_pos_embed_is_identity_at_the_same_grid_and_keeps_cls():
     pos = torch.randn(1, 1 + 14 * 14, 8)
     assert resize_pos_embed(pos, 14, 14) is pos

@@ -71,8 +71,11 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     """Whether a TCP connection to the Hugging Face hub opens within ``timeout`` seconds.
 
     Asked first so that a machine without internet falls back in seconds instead of waiting
-    for the hub client's retries.
+    for the hub client's retries. Behind an HTTPS proxy a direct connection says nothing, so
+    then the answer is True and the hub client finds out.
     """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
     host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
     try:
         with socket.create_connection((host, 443), timeout=timeout):
@@ -89,7 +92,8 @@ def load_timm(name: str = DEFAULT_CHECKPOINT, file: str | os.PathLike | None = N
     ``.npz`` file in a format timm loads), through
     ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file))``; nothing
     is downloaded. Without it they come from the Hugging Face hub (or its local cache), unless
-    ``VITCOURSE_OFFLINE`` is set or the hub cannot be reached.
+    ``VITCOURSE_OFFLINE`` is set or the hub cannot be reached (then even weights in the hub's
+    local cache are not used, so an offline build does not depend on what a machine has cached).
 
     Args:
         name: a timm model name with its pretrained tag, e.g. :data:`DEFAULT_CHECKPOINT`.
