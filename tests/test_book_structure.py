@@ -22,8 +22,6 @@ BUILD = ROOT / "_build"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SOLUTION_DIV = re.compile(r'<div class="(?=[^"]*\bsolution\b)(?=[^"]*\badmonition\b)')
 EXERCISE_DIV = re.compile(r'<div class="(?=[^"]*\bexercise\b)(?=[^"]*\badmonition\b)')
-WITHOUT_GRADED_NOTEBOOK = {"book/ch08_pretrained"}
-"""Chapters that have no graded notebook yet; every other chapter must link to its own."""
 
 
 def chapters() -> list[str]:
@@ -54,11 +52,6 @@ def test_chapter_has_objectives_summary_exercises_and_references(chapter: str) -
     assert len(labels) >= 2, f"{chapter}: at least two in-chapter exercises, found {labels}"
     assert sorted(labels) == sorted(answered), f"{chapter}: exercises {labels} but solutions for {answered}"
     number = Path(chapter).name[:4]  # "ch06"
-    if chapter in WITHOUT_GRADED_NOTEBOOK:
-        assert not (ROOT / "notebooks" / f"{number}_exercises.ipynb").is_file(), (
-            f"{chapter} has a graded notebook now: remove it from WITHOUT_GRADED_NOTEBOOK")
-        assert f"{number}_exercises.ipynb" not in text, f"{chapter}: points to a graded notebook that does not exist"
-        return
     assert f"notebooks/{number}_exercises.ipynb" in text, f"{chapter}: does not point to its graded notebook"
     assert (ROOT / "notebooks" / f"{number}_exercises.ipynb").is_file()
 
