@@ -1,0 +1,351 @@
+"""From a pretrained timm checkpoint to a fine-tuned :class:`~vitcourse.VisionTransformer`.
+
+The pieces chapter 8 uses, each small enough to read in one sitting:
+
+* :func:`load_timm` - a timm ViT with pretrained weights (from the Hugging Face hub or a
+  local checkpoint file), or, when the weights cannot be had, the same architecture with
+  seeded random weights and a sentence saying why;
+* :func:`config_from_timm` - the :class:`~vitcourse.ViTConfig` of a timm ViT, read from the
+  model rather than typed by hand, for :func:`vitcourse.timm_compat.from_timm`;
+* :func:`resize_pos_embed` and :func:`adapt` - run a model at another image size (the position
+  grid is resized bicubically) and/or with a new zero-initialised head;
+* :func:`freeze_all_but_head` and :func:`param_groups` - a linear probe, and fine-tuning with a
+  lower learning rate for the body than for the head;
+* :func:`make_photo_folder` and :func:`fit` - an offline image folder made of random crops of
+  scikit-image's photographs, and a short training loop that records its history.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass, replace
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .vit import ViTConfig, VisionTransformer
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "TimmCheckpoint",
+    "load_timm",
+    "config_from_timm",
+    "resize_pos_embed",
+    "adapt",
+    "freeze_all_but_head",
+    "param_groups",
+    "make_photo_folder",
+    "fit",
+]
+
+DEFAULT_CHECKPOINT = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+"""The ViT-Ti/16 checkpoint chapter 8 loads: ImageNet-21k pretraining, ImageNet-1k fine-tuning, 224 px."""
+
+
+@dataclass
+class TimmCheckpoint:
+    """A timm model and where its weights came from.
+
+    Attributes:
+        model: the ``timm.models.vision_transformer.VisionTransformer``, in eval mode.
+        pretrained: True when the checkpoint's weights were loaded, False for the random fallback.
+        reason: why the fallback was used (one sentence), or ``None`` when ``pretrained``.
+    """
+
+    model: nn.Module
+    pretrained: bool
+    reason: str | None = None
+
+
+def _downloads_allowed() -> bool:
+    """False when ``VITCOURSE_OFFLINE`` is set to anything but ``0`` or empty (as in :mod:`vitcourse.data`)."""
+    return os.environ.get("VITCOURSE_OFFLINE", "") in ("", "0")
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub opens within ``timeout`` seconds.
+
+    Asked first so that a machine without internet falls back in seconds instead of waiting
+    for the hub client's retries. Behind an HTTPS proxy a direct connection says nothing, so
+    then the answer is True and the hub client finds out.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def load_timm(name: str = DEFAULT_CHECKPOINT, file: str | os.PathLike | None = None, seed: int = 0,
+              fallback: bool = True) -> TimmCheckpoint:
+    """A timm model with the pretrained weights of ``name``, or the same architecture with random ones.
+
+    With ``file``, the weights come from that local checkpoint (a ``.safetensors``, ``.pth`` or
+    ``.npz`` file in a format timm loads), through
+    ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=file))``; nothing
+    is downloaded. Without it they come from the Hugging Face hub (or its local cache), unless
+    ``VITCOURSE_OFFLINE`` is set or the hub cannot be reached (then even weights in the hub's
+    local cache are not used, so an offline build does not depend on what a machine has cached).
+
+    Args:
+        name: a timm model name with its pretrained tag, e.g. :data:`DEFAULT_CHECKPOINT`.
+        file: an optional local checkpoint file.
+        seed: seeds ``torch`` before a fallback model is built, so its random weights are reproducible.
+        fallback: when False, a failed load raises instead of falling back.
+
+    Returns:
+        A :class:`TimmCheckpoint`; its model is in eval mode and keeps timm's ``pretrained_cfg``
+        (input size, mean/std, interpolation, crop) either way.
+
+    Raises:
+        RuntimeError: if the weights cannot be loaded and ``fallback`` is False.
+    """
+    import timm
+
+    reason = None
+    if file is None and not _downloads_allowed():
+        reason = "VITCOURSE_OFFLINE is set, so no weights are downloaded"
+    elif file is None and not _hub_reachable():
+        reason = "the Hugging Face hub cannot be reached from this machine"
+    else:
+        overlay = {} if file is None else {"pretrained_cfg_overlay": dict(file=str(file))}
+        try:
+            model = timm.create_model(name, pretrained=True, **overlay)
+            return TimmCheckpoint(model.eval(), pretrained=True)
+        except Exception as err:  # noqa: BLE001 - any failure to get weights leads to the same fallback
+            reason = f"loading the weights failed ({type(err).__name__})"
+    if not fallback:
+        raise RuntimeError(f"no pretrained weights for {name}: {reason}.")
+    torch.manual_seed(seed)
+    return TimmCheckpoint(timm.create_model(name, pretrained=False).eval(), pretrained=False, reason=reason)
+
+
+def config_from_timm(timm_model: nn.Module) -> ViTConfig:
+    """The :class:`ViTConfig` of a timm ViT, read from its modules (dropout and drop path 0).
+
+    :func:`vitcourse.timm_compat.from_timm` still checks every other setting and refuses a
+    model that ``VisionTransformer(config)`` would not reproduce.
+    """
+    pe = timm_model.patch_embed
+    height, width = pe.img_size
+    if height != width or pe.patch_size[0] != pe.patch_size[1]:
+        raise ValueError(f"vitcourse builds square models; this timm model has images {pe.img_size} "
+                         f"and patches {pe.patch_size}.")
+    blocks = list(timm_model.blocks)
+    return ViTConfig(
+        image_size=height,
+        patch_size=pe.patch_size[0],
+        in_channels=pe.proj.in_channels,
+        num_classes=timm_model.num_classes,
+        dim=timm_model.embed_dim,
+        depth=len(blocks),
+        heads=blocks[0].attn.num_heads,
+        mlp_dim=blocks[0].mlp.fc1.out_features,
+    )
+
+
+def _pair(grid: int | tuple[int, int]) -> tuple[int, int]:
+    return (grid, grid) if isinstance(grid, int) else (int(grid[0]), int(grid[1]))
+
+
+def resize_pos_embed(pos_embed: Tensor, old_grid: int | tuple[int, int], new_grid: int | tuple[int, int],
+                     mode: str = "bicubic", antialias: bool = True) -> Tensor:
+    """Resize a learned position grid for another number of patches, keeping the CLS position.
+
+    The ``N = gh * gw`` patch positions are laid out as a ``D``-channel image of ``gh x gw``
+    pixels, interpolated to the new grid and flattened again in reading order; the CLS
+    position (index 0) has no place in the grid and is kept as it is. With the defaults this
+    computes what ``timm.layers.resample_abs_pos_embed`` does.
+
+    Args:
+        pos_embed: ``(1, 1 + N, D)``, the CLS position first.
+        old_grid: the grid of ``pos_embed``, ``g`` or ``(gh, gw)`` with ``gh * gw = N``.
+        new_grid: the grid wanted, ``g'`` or ``(gh', gw')``.
+        mode: ``F.interpolate`` mode; bicubic, as the ViT paper's fine-tuning at higher resolution.
+        antialias: passed to ``F.interpolate`` (bicubic with antialias uses PIL's kernel).
+
+    Returns:
+        ``(1, 1 + N', D)`` with ``N' = gh' * gw'``, in the dtype of ``pos_embed``; at the same
+        grid, ``pos_embed`` itself.
+    """
+    old, new = _pair(old_grid), _pair(new_grid)
+    if pos_embed.dim() != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[1] != 1 + old[0] * old[1]:
+        raise ValueError(f"pos_embed of shape {tuple(pos_embed.shape)} is not (1, 1 + {old[0]}*{old[1]}, D).")
+    if old == new:
+        return pos_embed
+    cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]  # (1, 1, D), (1, N, D)
+    d = grid.shape[-1]
+    image = grid.float().reshape(1, old[0], old[1], d).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+    image = F.interpolate(image, size=new, mode=mode, antialias=antialias)  # (1, D, gh', gw')
+    grid = image.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], d).to(pos_embed.dtype)  # (1, N', D)
+    return torch.cat([cls_pos, grid], dim=1)
+
+
+def adapt(model: VisionTransformer, image_size: int | None = None, num_classes: int | None = None
+          ) -> VisionTransformer:
+    """A copy of ``model`` for another image size and/or another set of classes.
+
+    Every weight is copied. For a new ``image_size`` the position grid is resized with
+    :func:`resize_pos_embed` (the patch size stays, so the grid becomes ``image_size / patch_size``
+    on a side). For a new ``num_classes`` the head is replaced by a zero-initialised
+    ``(num_classes, D)`` linear layer, as the ViT paper does for fine-tuning, so every class
+    starts with the same score.
+
+    Returns:
+        A new :class:`VisionTransformer` in the training mode of ``model``; ``model`` is unchanged.
+    """
+    c = model.config
+    config = replace(c, image_size=image_size or c.image_size, num_classes=num_classes or c.num_classes)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    old_side, new_side = c.image_size // c.patch_size, config.image_size // config.patch_size
+    state["pos_embed"] = resize_pos_embed(state["pos_embed"], old_side, new_side)
+    if config.num_classes != c.num_classes:
+        state["head.weight"] = torch.zeros(config.num_classes, config.dim)
+        state["head.bias"] = torch.zeros(config.num_classes)
+    new = VisionTransformer(config)
+    new.load_state_dict(state, strict=True)
+    return new.train(model.training)
+
+
+def freeze_all_but_head(model: VisionTransformer) -> list[str]:
+    """Turn ``model`` into a linear probe: only ``head.weight`` ``(K, D)`` and ``head.bias`` ``(K,)`` learn.
+
+    Every other parameter gets ``requires_grad=False``, so the optimizer of the remaining
+    parameters trains a linear classifier on the frozen CLS features ``(B, D)``. The features stay
+    fixed only if nothing random runs in training mode: use dropout and drop path 0 (as
+    :func:`config_from_timm` does) or keep the model in eval mode.
+
+    Returns:
+        The names of the parameters left trainable.
+    """
+    trainable = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.startswith("head."))
+        if parameter.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def param_groups(model: nn.Module, body_lr: float, head_lr: float, weight_decay: float = 0.05
+                 ) -> list[dict]:
+    """Two optimizer parameter groups: the head at ``head_lr``, everything else at ``body_lr``.
+
+    The head is every trainable parameter whose name starts with ``head.`` (for a
+    :class:`VisionTransformer`, the ``(K, D)`` weight and ``(K,)`` bias); the body is the rest.
+    Pass the result to ``torch.optim.AdamW``; frozen parameters are left out.
+
+    Returns:
+        ``[{"name": "body", "params": [...], "lr": body_lr, "weight_decay": weight_decay},
+        {"name": "head", ...}]``.
+    """
+    groups = {"body": [], "head": []}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups["head" if name.startswith("head.") else "body"].append(parameter)
+    return [{"name": "body", "params": groups["body"], "lr": body_lr, "weight_decay": weight_decay},
+            {"name": "head", "params": groups["head"], "lr": head_lr, "weight_decay": weight_decay}]
+
+
+PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")
+"""The scikit-image photographs :func:`vitcourse.utils.sample_image` knows, one class each here."""
+
+
+def make_photo_folder(root: str | os.PathLike, per_class: int, size: int, seed: int = 0,
+                      photos: tuple[str, ...] = PHOTOS) -> Path:
+    """An image folder ``root/<photo>/<k>.png`` of random crops of scikit-image's photographs.
+
+    Each crop covers 10% to 50% of its photograph's area (random aspect ratio 3/4 to 4/3),
+    is flipped left-right with probability 1/2, has its brightness scaled by a factor in
+    ``[0.7, 1.3]`` and is resized to ``size x size``. This is the ``<folder>/<class>/<image>``
+    layout chapter 5's ``--data`` option reads; here it stands in for a reader's own images,
+    offline. Two calls with the same arguments write the same pixels.
+
+    Returns:
+        ``Path(root)``.
+    """
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from .utils import sample_image
+
+    root = Path(root)
+    generator = torch.Generator().manual_seed(seed)
+    crop = v2.RandomResizedCrop(size, scale=(0.1, 0.5), antialias=True)
+    for label in photos:
+        photo = sample_image(label, size=None)  # (3, H, W) in [0, 1]
+        (root / label).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            top, left, h, w = _crop_box(crop, photo, generator)
+            image = v2.functional.resized_crop(photo, top, left, h, w, [size, size], antialias=True)
+            if torch.rand((), generator=generator) < 0.5:
+                image = image.flip(-1)
+            image = (image * (0.7 + 0.6 * torch.rand((), generator=generator))).clamp(0, 1)
+            array = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            Image.fromarray(array).save(root / label / f"{k:03d}.png")
+    return root
+
+
+def _crop_box(crop, photo: Tensor, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """A random-resized-crop box (top, left, h, w) drawn with ``generator`` (torchvision draws globally)."""
+    _, height, width = photo.shape
+    area = height * width
+    for _ in range(20):
+        target = area * (crop.scale[0] + (crop.scale[1] - crop.scale[0]) * float(torch.rand((), generator=generator)))
+        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(torch.rand((), generator=generator))
+        ratio = math.exp(log_ratio)
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return top, left, h, w
+    side = min(height, width)
+    return (height - side) // 2, (width - side) // 2, side, side
+
+
+def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: tuple[Tensor, Tensor],
+        val: tuple[Tensor, Tensor], steps: int, batch_size: int = 16, eval_every: int = 5, seed: int = 0
+        ) -> list[dict]:
+    """Train ``model`` for ``steps`` steps of cross-entropy on in-memory tensors; record the history.
+
+    Batches are drawn without replacement from a seeded permutation of the training set (a new
+    permutation each epoch). Every ``eval_every`` steps and after the last one, the model is put
+    in eval mode and scored on the whole validation set.
+
+    Args:
+        train, val: ``(images (B, C, H, W), labels (B,))`` each.
+
+    Returns:
+        One dict per evaluation: ``step``, ``train_loss`` (mean over the steps since the last
+        evaluation), ``val_loss`` and ``val_acc``.
+    """
+    images, labels = train
+    generator = torch.Generator().manual_seed(seed)
+    order, cursor, history, losses = torch.randperm(len(images), generator=generator), 0, [], []
+    for step in range(1, steps + 1):
+        if cursor + batch_size > len(images):
+            order, cursor = torch.randperm(len(images), generator=generator), 0
+        index = order[cursor: cursor + batch_size]
+        cursor += batch_size
+        model.train()
+        loss = F.cross_entropy(model(images[index]), labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if step % eval_every == 0 or step == steps:
+            model.eval()
+            with torch.no_grad():
+                logits = model(val[0])
+            history.append({"step": step, "train_loss": sum(losses) / len(losses),
+                            "val_loss": float(F.cross_entropy(logits, val[1])),
+                            "val_acc": float((logits.argmax(-1) == val[1]).float().mean())})
+            losses = []
+    return history
