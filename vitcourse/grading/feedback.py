@@ -79,6 +79,9 @@ def summary_text(report: "BatchReport", chapter: Chapter) -> str:
             lines.append(f"  {ex.id} {ex.title}: {mean:.2f} / {ex.points:g}")
         mean_total = sum(r.total for r in results) / len(results)
         lines.append(f"  total: {mean_total:.2f} / {results[0].max_total:g}")
+        ungradable = sum(bool(r.ungradable) for r in results)
+        if ungradable:
+            lines.append(f"{ungradable} file(s) could not be graded: see the status column of grades.csv.")
     lines.append(f"Grades: {report.out / 'grades.csv'}; feedback pages: {report.out / 'feedback'}; "
                  f"histogram: {report.out / 'totals_histogram.png'}")
     return "\n".join(lines) + "\n"

@@ -157,7 +157,9 @@ class Grader:
                     value = f"the result could not be compared ({type(err).__name__})"
                 ok = value is None
             message = "" if ok else (HIDDEN_FAILED if unit.hidden or tainted else clean(value))
-            earned = unit.points if ok and unit.exercise not in forbidden else 0.0
+            if ok and unit.exercise in forbidden:
+                ok, message = False, "withheld: the answer uses a call this exercise forbids (listed above)"
+            earned = unit.points if ok else 0.0
             r.scores[unit.exercise] += earned
             r.checks.append(CheckResult(unit.exercise, unit.description, unit.hidden, round(unit.points, 2),
                                         round(earned, 2), message))
