@@ -473,3 +473,15 @@ def test_a_sub_folder_that_cannot_be_listed_is_reported_not_silently_missing(tmp
     with pytest.raises(DataError, match=r"1 unreadable \(no read permission or a broken link: a/private\)"):
         load_data(str(root), image_size=8)
     assert load_data(str(root), image_size=8, skip_bad_images=True).skipped == {"unreadable images": 1}
+
+
+def test_files_checked_by_another_process_are_used_without_opening_them(tmp_path, monkeypatch):
+    import vitcourse.data as data_module
+
+    root = _image_folder(tmp_path / "imgs", {"a": 6, "b": 6})
+    first = load_data(str(root), image_size=8)
+    files = first.split_record()["files"]
+    _image_folder(root / "a", {"late": 2})  # appeared after process 0 checked: not used by the others either
+    monkeypatch.setattr(data_module, "_check_image", lambda f: pytest.fail(f"{f} was opened again"))
+    again = load_data(str(root), image_size=8, verified=files)
+    assert again.split_record() == first.split_record()

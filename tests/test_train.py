@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -525,15 +526,26 @@ def test_only_process_zero_prepares_the_data_and_the_others_wait(tmp_path, monke
     groups = []
     monkeypatch.setattr(train_module.dist, "new_group", lambda **kw: groups.append(kw) or "long-timeout group")
     monkeypatch.setattr(train_module.dist, "barrier", lambda group: events.append(("barrier", group)) or None)
-    monkeypatch.setattr(train_module.dist, "broadcast_object_list",
-                        lambda objs, src, group, device: events.append(("broadcast", group)))
-    monkeypatch.setattr(train_module, "build_data", lambda cfg, **kw: events.append("load") or "data")
-    assert train_module._load_data(TINY, train_module._Dist(rank=0, world=2), False) == "data"
+    checked = {"a/0.png": "sha of a/0.png"}
+    sent = []
+
+    def broadcast(objs, src, group, device):  # process 0 sends its list; the stand-in plays both ends
+        events.append(("broadcast", group))
+        if sent:
+            objs[:] = sent[-1]
+        else:
+            sent.append(list(objs))
+
+    monkeypatch.setattr(train_module.dist, "broadcast_object_list", broadcast)
+    data = types.SimpleNamespace(split={"files": checked})
+    monkeypatch.setattr(train_module, "build_data", lambda cfg, **kw: events.append(("load", kw)) or data)
+    assert train_module._load_data(TINY, train_module._Dist(rank=0, world=2), False) is data
     waits = [("barrier", "long-timeout group"), ("broadcast", "long-timeout group")]
-    assert events == ["load", *waits]
+    assert events == [("load", {"skip_bad_images": False}), *waits]
+    assert sent == [[None, checked]]  # no failure, and the files process 0 checked
     events.clear()
-    assert train_module._load_data(TINY, train_module._Dist(rank=1, world=2), False) == "data"
-    assert events == [*waits, "load"]
+    assert train_module._load_data(TINY, train_module._Dist(rank=1, world=2), False) is data
+    assert events == [*waits, ("load", {"skip_bad_images": False, "verified": checked})]
     # the waiting group outlasts a whole download (a healthy slow download must not time the others out)
     from vitcourse.data import DOWNLOAD_DEADLINE
 
@@ -549,6 +561,7 @@ def test_only_process_zero_prepares_the_data_and_the_others_wait(tmp_path, monke
 
     def told(objs, src, group, device):
         objs[0] = (True, "CIFAR-10 is not in /x; allow downloads.")
+        objs[1] = None
 
     monkeypatch.setattr(train_module.dist, "broadcast_object_list", told)
     monkeypatch.setattr(train_module, "build_data", lambda cfg, **kw: pytest.fail("rank 1 loaded after rank 0 failed"))
@@ -560,13 +573,21 @@ def test_torchrun_a_data_error_on_process_zero_stops_every_process(tmp_path):
     """Two gloo processes, an image folder with a corrupt file: both stop with the sentence, none waits forever."""
     folder = _folder(tmp_path / "imgs", {"disk": 6, "square": 6})
     (folder / "disk" / "bad.png").write_bytes(b"not a png")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "vitcourse.train", "--config", "quick", "--data", str(folder), "--batch-size", "4",
-                           "--max-steps", "1", "--out", str(tmp_path / "run"), "--no-progress"],
-                          env=_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "vitcourse.train", "--config", "quick", "--data", str(folder), "--batch-size", "4", "--max-steps", "2",
+               "--out", str(tmp_path / "run"), "--no-progress"]
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     # torchrun stops the other process once one has failed, so one or two copies of the sentence, and no hang
     assert 1 <= len(errors) <= 2, done.stderr[-3000:]
     assert all("disk/bad.png" in e and "--skip-bad-images" in e for e in errors), done.stderr[-3000:]
     assert not (tmp_path / "run" / "resume.pt").exists()
+    # skipped: both processes train on the files process 0 checked (process 1 does not open them again)
+    done = subprocess.run([*command, "--skip-bad-images"], env=_env(), capture_output=True, text=True, timeout=240,
+                          cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["step"] == 2 and len(_resume_state(tmp_path / "run")["rng"]) == 2
+    assert "disk/bad.png" not in json.loads((tmp_path / "run" / "split.json").read_text())["files"]
+    assert "1 corrupt images" in (tmp_path / "run" / "train.log").read_text()

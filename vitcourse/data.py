@@ -682,15 +682,25 @@ def _bad_images_message(root: Path, bad: dict[str, list[Path]], total: int) -> s
             f"or pass --skip-bad-images to leave them out.")
 
 
-def _scan(root: Path, parts: Sequence[str], skip_bad_images: bool):
+def _scan(root: Path, parts: Sequence[str], skip_bad_images: bool, verified: dict[str, str] | None = None):
     """Inventory and check the image folders ``root/part`` (``part`` ``""`` for ``root`` itself).
 
     Returns ``(classes per part, {part: {class: [(file, sha256)]}}, skipped Counter)``; raises
     :class:`DataError` for bad files unless ``skip_bad_images`` (then they are counted as skipped).
+    ``verified`` (``{relative path: sha256}``, from another process that checked the same folder)
+    replaces the check: exactly those files are used, none is opened.
     """
     inventories = {part: _inventory(root / part if part else root) for part in parts}
     everything = [f for _, files, _, _ in inventories.values() for found in files.values() for f in found]
-    checked = dict(zip(everything, _check_images(everything)))
+    if verified is not None:
+        inventories = {part: (classes, files, counts, []) for part, (classes, files, counts, _) in inventories.items()}
+        known = {f: verified.get(f.relative_to(root).as_posix()) for f in everything}
+        everything = [f for f in everything if known[f] is not None]
+        checked = {f: (None, known[f]) for f in everything}
+        inventories = {part: (classes, {name: [f for f in found if known[f] is not None] for name, found in files.items()},
+                              counts, unlisted) for part, (classes, files, counts, unlisted) in inventories.items()}
+    else:
+        checked = dict(zip(everything, _check_images(everything)))
     bad: dict[str, list[Path]] = {}
     for _, _, _, unlisted in inventories.values():  # folders that could not be listed count as unreadable
         bad.setdefault("unreadable", []).extend(unlisted)
@@ -760,7 +770,7 @@ class _ImageLoader:
 
 
 def _folder(path: Path, image_size: int, augment: str, val_size: int, seed: int, subset: int | None,
-            skip_bad_images: bool = False) -> DataBundle:
+            skip_bad_images: bool = False, verified: dict[str, str] | None = None) -> DataBundle:
     """An image folder: ``path/train`` + ``path/test`` if both exist, else one folder split three ways.
 
     Every file is checked once first (see :func:`_scan`). The split is stratified and seeded:
@@ -776,7 +786,7 @@ def _folder(path: Path, image_size: int, augment: str, val_size: int, seed: int,
     augmented = train_transform(augment, image_size, mean, std)
     layout = (path / "train").is_dir() and (path / "test").is_dir()
     parts = ("train", "test") if layout else ("",)
-    classes_of, good, skipped = _scan(path, parts, skip_bad_images)
+    classes_of, good, skipped = _scan(path, parts, skip_bad_images, verified)
     pool, test_items = {}, {}
     if layout:
         classes = classes_of["train"]
@@ -838,6 +848,7 @@ def load_data(
     subset: int | None = None,
     download: bool = True,
     skip_bad_images: bool = False,
+    verified: dict[str, str] | None = None,
 ) -> DataBundle:
     """Load a dataset as a :class:`DataBundle` of train / validation / test datasets.
 
@@ -853,6 +864,9 @@ def load_data(
         download: try to download CIFAR-10 when it is absent (never when ``$VITCOURSE_OFFLINE`` is set).
         skip_bad_images: image folders only: leave out unreadable and corrupt files (counted in
             ``DataBundle.skipped``) instead of raising :class:`DataError` that names them.
+        verified: image folders only: ``split_record()["files"]`` of a bundle another process loaded
+            from the same folder; those files are used without being checked again (``torchrun``
+            ranks other than 0 use it, so every process trains on exactly the files process 0 checked).
 
     Returns:
         A :class:`DataBundle`; its ``source`` says which data was loaded.
@@ -873,4 +887,4 @@ def load_data(
     looks_like_path = os.sep in name or name.startswith(".") or Path(name).expanduser().exists()
     if not looks_like_path:
         raise DataError(f"unknown dataset {name!r}; use 'cifar10', 'synthetic' or the path of an image folder.")
-    return _folder(Path(name).expanduser(), image_size, augment, val_size, seed, subset, skip_bad_images)
+    return _folder(Path(name).expanduser(), image_size, augment, val_size, seed, subset, skip_bad_images, verified)

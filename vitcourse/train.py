@@ -227,11 +227,12 @@ class ConfigMismatch(ValueError):
 # --------------------------------------------------------------------------- data, model, optimizer
 
 
-def build_data(cfg: TrainConfig, *, skip_bad_images: bool = False) -> DataBundle:
+def build_data(cfg: TrainConfig, *, skip_bad_images: bool = False, verified: dict | None = None) -> DataBundle:
     """The :class:`~vitcourse.data.DataBundle` a config asks for (see :func:`vitcourse.data.load_data`)."""
     return load_data(
         cfg.data, root=cfg.data_root, image_size=cfg.image_size, val_size=cfg.val_size, seed=cfg.seed,
         augment=cfg.augment, allow_synthetic=cfg.allow_synthetic, subset=cfg.subset, skip_bad_images=skip_bad_images,
+        verified=verified,
     )
 
 
@@ -760,7 +761,9 @@ def _repair_last(out: Path, checkpoint: dict) -> None:
 def _load_data(cfg: TrainConfig, ctx: "_Dist", skip_bad_images: bool) -> DataBundle:
     """:func:`build_data`, process 0 first under ``torchrun``: it downloads or generates the data (under a
     file lock, see :func:`vitcourse.data.data_lock`) while the others wait at a barrier, then they load
-    the prepared copy. An error on process 0 is raised on every process, so none waits forever.
+    the prepared copy. An error on process 0 is raised on every process, so none waits forever. For an
+    image folder, process 0 also sends the files it checked (with their SHA-256): the others use exactly
+    those, without opening every image again, so all processes split the same files.
 
     The barrier runs in a separate gloo group whose timeout outlasts the download's own deadline
     (:data:`vitcourse.data.DOWNLOAD_DEADLINE`): the default group's timeout (10 minutes for NCCL)
@@ -773,19 +776,20 @@ def _load_data(cfg: TrainConfig, ctx: "_Dist", skip_bad_images: bool) -> DataBun
     from .data import DOWNLOAD_DEADLINE
 
     group = dist.new_group(backend="gloo", timeout=timedelta(seconds=DOWNLOAD_DEADLINE + 600))
-    failure: list = [None]
+    shared: list = [None, None]  # [(is DataError, message) of a failure, the checked files of an image folder]
     data = None
     if ctx.main:
         try:
             data = build_data(cfg, skip_bad_images=skip_bad_images)
+            shared[1] = data.split.get("files") or None
         except (DataError, ValueError) as err:
-            failure = [(isinstance(err, DataError), str(err))]
+            shared[0] = (isinstance(err, DataError), str(err))
     dist.barrier(group=group)  # the others start loading only once process 0 has prepared the data
-    dist.broadcast_object_list(failure, src=0, group=group, device=torch.device("cpu"))
-    if failure[0] is not None:
-        is_data_error, message = failure[0]
+    dist.broadcast_object_list(shared, src=0, group=group, device=torch.device("cpu"))
+    if shared[0] is not None:
+        is_data_error, message = shared[0]
         raise (DataError if is_data_error else ValueError)(message)
-    return data if data is not None else build_data(cfg, skip_bad_images=skip_bad_images)
+    return data if data is not None else build_data(cfg, skip_bad_images=skip_bad_images, verified=shared[1])
 
 
 def _check_same_run(checkpoint: dict, cfg: TrainConfig, source: str, world: int, path: Path) -> None:
