@@ -222,7 +222,8 @@ def test_a_hostile_folder_gets_a_row_per_file_and_never_stops_the_batch(tmp_path
 def test_bad_input_is_one_sentence(tmp_path):
     result = grade(tmp_path / "nowhere", tmp_path / "out")
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr and "is not a folder" in result.stderr
+    assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def run_probe(source: str) -> object:

@@ -158,7 +158,8 @@ class Grader:
                 ok = value is None
             message = "" if ok else (HIDDEN_FAILED if unit.hidden or tainted else clean(value))
             if ok and unit.exercise in forbidden:
-                ok, message = False, "withheld: the answer uses a call this exercise forbids (listed above)"
+                ok, message = False, (HIDDEN_FAILED if unit.hidden else
+                                      "withheld: the answer uses a call this exercise forbids (listed above)")
             earned = unit.points if ok else 0.0
             r.scores[unit.exercise] += earned
             r.checks.append(CheckResult(unit.exercise, unit.description, unit.hidden, round(unit.points, 2),
