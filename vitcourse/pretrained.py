@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import downloads_allowed
 from .vit import ViTConfig, VisionTransformer
 
 __all__ = [
@@ -60,11 +61,6 @@ class TimmCheckpoint:
     model: nn.Module
     pretrained: bool
     reason: str | None = None
-
-
-def _downloads_allowed() -> bool:
-    """False when ``VITCOURSE_OFFLINE`` is set to anything but ``0`` or empty (as in :mod:`vitcourse.data`)."""
-    return os.environ.get("VITCOURSE_OFFLINE", "") in ("", "0")
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
@@ -111,7 +107,7 @@ def load_timm(name: str = DEFAULT_CHECKPOINT, file: str | os.PathLike | None = N
     import timm
 
     reason = None
-    if file is None and not _downloads_allowed():
+    if file is None and not downloads_allowed():
         reason = "VITCOURSE_OFFLINE is set, so no weights are downloaded"
     elif file is None and not _hub_reachable():
         reason = "the Hugging Face hub cannot be reached from this machine"

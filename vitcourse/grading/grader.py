@@ -15,6 +15,7 @@ blamed, and the rest runs again in a fresh run, within the same cap.
 
 from __future__ import annotations
 
+import functools
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -100,8 +101,12 @@ class Unit:
     points: float
     case: Case
 
+    @functools.cached_property
+    def encoded_task(self):
+        return encode(self.case.task)  # once per batch, not once per submission
+
     def job(self) -> dict:
-        return {"id": self.id, "exercise": self.exercise, "task": encode(self.case.task)}
+        return {"id": self.id, "exercise": self.exercise, "task": self.encoded_task}
 
 
 def build_units(chapter: Chapter, hidden_folder: Path | None, salt: str = "") -> list[Unit]:
