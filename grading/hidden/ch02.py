@@ -1,4 +1,5 @@
-"""Chapter 2 hidden checks: rectangular images, one-pixel and whole-image patches, other sizes, strides that\nleave pixels over or skip them."""
+"""Chapter 2 hidden checks: rectangular images, one-pixel and whole-image patches, other sizes,
+strides that leave pixels over or skip them."""
 
 from vitcourse.patches import PatchEmbed
 from vitcourse.vit import count_parameters

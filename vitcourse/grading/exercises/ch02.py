@@ -60,8 +60,9 @@ def overlapping_case(batch: int, channels: int, height: int, width: int, patch: 
 
     def build(rng: np.random.Generator) -> Case:
         images = randn(rng, batch, channels, height, width)
-        columns = F.unfold(t(images), kernel_size=patch, stride=stride)  # (B, C*P*P, N), features (channel, row, column)
-        expected = columns.reshape(batch, channels, patch, patch, -1).permute(0, 4, 2, 3, 1).reshape(batch, -1, patch * patch * channels)
+        columns = F.unfold(t(images), kernel_size=patch, stride=stride)  # (B, C*P*P, N): (channel, row, column)
+        per_patch = columns.reshape(batch, channels, patch, patch, -1).permute(0, 4, 2, 3, 1)  # (B, N, P, P, C)
+        expected = per_patch.reshape(batch, -1, patch * patch * channels)
         return Case(call("image_to_overlapping_patches", arr(images), patch, stride), expected.numpy())
 
     return build

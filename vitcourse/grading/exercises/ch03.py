@@ -1,8 +1,9 @@
 """Chapter 3 exercises (the encoder block): public spec.
 
 Students write ``layer_norm`` (from scratch), the ``MLP``, the pre-norm
-``EncoderBlock`` and its LayerScale variant ``LayerScaleBlock``, reusing chapter 1's attention: the grading sandbox exposes
-:mod:`vitcourse.attention` but not :mod:`vitcourse.encoder`.
+``EncoderBlock`` and its LayerScale variant ``LayerScaleBlock``, reusing chapter 1's
+attention: the grading sandbox exposes :mod:`vitcourse.attention` but not
+:mod:`vitcourse.encoder`.
 """
 
 from __future__ import annotations
