@@ -236,3 +236,11 @@ def test_cli_refuses_a_file_that_is_not_the_checkpoint(folder, tmp_path):
     done = vitcourse(tmp_path, "train", "--data", folder, "--init", INIT, "--init-file", bad, "--max-steps", "1",
                      "--batch-size", "6", "--out", tmp_path / "out", "--no-progress")
     assert_one_sentence(done, "loading the weights failed", str(bad))
+
+
+def test_unreachable_hub_is_one_sentence_that_points_to_a_local_file(folder, timm_file, monkeypatch):
+    monkeypatch.delenv("VITCOURSE_OFFLINE")
+    monkeypatch.setattr(pretrained, "_hub_reachable", lambda timeout=5.0: False)
+    cfg = config(folder, None)
+    with pytest.raises(ValueError, match=r"cannot be reached.*--init-file PATH\.$"):
+        pretrained.init_from_timm(build_model(cfg, 3), cfg)

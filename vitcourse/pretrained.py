@@ -449,9 +449,9 @@ def init_from_timm(model: VisionTransformer, cfg) -> str:
     try:
         checkpoint = load_timm(name, file=cfg.init_file, fallback=False)
     except RuntimeError as err:
-        where = (f"the file {cfg.init_file}" if cfg.init_file else
-                 "a download (or pass a local checkpoint file with --init-file PATH)")
-        raise ValueError(f"{str(err).rstrip('.')}; check {where}.") from None
+        advice = (f"check that {cfg.init_file} is a checkpoint file of {name}" if cfg.init_file else
+                  "connect to the internet, or pass a local checkpoint file with --init-file PATH")
+        raise ValueError(f"{str(err).rstrip('.')}; {advice}.") from None
     pretrained_model = from_timm(checkpoint.model, config_from_timm(checkpoint.model))
     adapted = adapt(pretrained_model, image_size=model.config.image_size, num_classes=model.config.num_classes)
     ours, theirs = model.config, adapted.config
