@@ -244,3 +244,16 @@ def test_unreachable_hub_is_one_sentence_that_points_to_a_local_file(folder, tim
     cfg = config(folder, None)
     with pytest.raises(ValueError, match=r"cannot be reached.*--init-file PATH\.$"):
         pretrained.init_from_timm(build_model(cfg, 3), cfg)
+
+
+def test_a_run_written_before_the_init_fields_existed_still_resumes(folder, tmp_path):
+    from vitcourse.train import RESUME_FILE
+
+    cfg = CONFIGS["quick"].replace(data=str(folder), allow_synthetic=False, batch_size=6, epochs=1, max_steps=1)
+    out = tmp_path / "old"
+    rows = train(cfg, out, progress=False)
+    state = torch.load(out / RESUME_FILE, weights_only=True)
+    for key in ("init", "init_file", "body_lr_scale"):  # as an older vitcourse wrote it
+        del state["config"][key]
+    torch.save(state, out / RESUME_FILE)
+    assert train(cfg, out, progress=False) == rows  # finished: returns its rows, no ConfigMismatch

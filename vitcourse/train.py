@@ -831,7 +831,8 @@ def _check_same_run(checkpoint: dict, cfg: TrainConfig, source: str, world: int,
     :data:`_RESUMABLE_FIELDS`), same data actually loaded (``cifar10`` may have fallen back to
     ``synthetic``) and the same number of processes (each one's random state is in the checkpoint)."""
     ours = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
-    theirs = {k: v for k, v in checkpoint["config"].items() if k not in _RESUMABLE_FIELDS}
+    written = {**_LATER_FIELDS, **checkpoint["config"]}  # a run from before a field existed had its default
+    theirs = {k: v for k, v in written.items() if k not in _RESUMABLE_FIELDS}
     ours.update({"data source": source, "processes": world})
     theirs.update({"data source": checkpoint["source"], "processes": len(checkpoint["rng"])})
     diffs = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
