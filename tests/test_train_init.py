@@ -257,3 +257,18 @@ def test_a_run_written_before_the_init_fields_existed_still_resumes(folder, tmp_
         del state["config"][key]
     torch.save(state, out / RESUME_FILE)
     assert train(cfg, out, progress=False) == rows  # finished: returns its rows, no ConfigMismatch
+
+
+def test_evaluate_scores_an_init_run_with_the_checkpoint_statistics(folder, timm_file, tmp_path):
+    from vitcourse.evaluate import evaluate_checkpoint, evaluate_model
+
+    cfg = config(folder, timm_file[1])
+    train(cfg, tmp_path / "run", progress=False)
+    model, _, checkpoint = load_trained(tmp_path / "run" / BEST_FILE)
+    data = build_data(cfg)
+    assert tuple(data.mean) != tuple(checkpoint["mean"])  # the folder's own statistics are not timm's 0.5
+    expected = evaluate_model(model, renormalize(data, checkpoint["mean"], checkpoint["std"]).test)
+    wrong = evaluate_model(model, data.test)
+    assert wrong["loss"] != pytest.approx(expected["loss"])  # the normalisation changes the logits
+    result = evaluate_checkpoint(tmp_path / "run" / BEST_FILE)
+    assert result["test_loss"] == pytest.approx(expected["loss"]) and result["test_acc"] == expected["acc"]

@@ -79,6 +79,10 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, data_root: st
         warnings.simplefilter("ignore")
         bundle: DataBundle = load_data(name, root=data_root or cfg.data_root, image_size=cfg.image_size,
                                        val_size=cfg.val_size, seed=cfg.seed, skip_bad_images=skip_bad_images)
+    if checkpoint.get("mean") and checkpoint.get("std"):  # e.g. an --init run normalises as its timm checkpoint did
+        from .pretrained import renormalize
+
+        bundle = renormalize(bundle, checkpoint["mean"], checkpoint["std"])
     if len(bundle.classes) != len(checkpoint["classes"]):
         raise ValueError(f"{name} has {len(bundle.classes)} classes but the checkpoint was trained on "
                          f"{len(checkpoint['classes'])}; evaluate it on data with the same classes.")
