@@ -1,0 +1,143 @@
+"""The exercises added to chapters 5-8 (5.4, 6.4, 7.6, 8.4): the model answers pass every public and
+hidden check whatever the instructor's salt, and trivial or half-right answers fail the checks meant
+to catch them. Runs the checks in-process, as ``check()`` does, without the sandbox."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitcourse.grading import runtime
+from vitcourse.grading.spec import find_exercise, hidden_folder, load_hidden, seed_for
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+SALTS = ("", "term 2", "resit")
+
+
+@functools.cache
+def solution_cells(name: str) -> tuple[str, ...]:
+    """The imports and answer cells of a solution notebook (what grading runs)."""
+    nb = json.loads((NOTEBOOKS / "solutions" / f"{name}_exercises.ipynb").read_text())
+    sources = ["".join(cell["source"]) for cell in nb["cells"] if cell["cell_type"] == "code"]
+    return tuple(s for s in sources if "### BEGIN SOLUTION" in s or s.startswith(("import", "from")))
+
+
+def solution_namespace(name: str) -> dict:
+    namespace: dict = {}
+    for source in solution_cells(name):
+        exec(source, namespace)  # noqa: S102 - the course's own solution code
+    return namespace
+
+
+def outcomes(exercise_id: str, namespace: dict, salt: str = "") -> dict[str, str | None]:
+    """``{check description: None or the comparison's sentence}`` for every public and hidden check."""
+    chapter, exercise = find_exercise(exercise_id)
+    checks = [(c, False, i) for i, c in enumerate(exercise.public)]
+    checks += [(c, True, i) for i, c in enumerate(load_hidden(chapter.name, hidden_folder()).get(exercise_id, []))]
+    assert len(checks) >= 4, f"{exercise_id} should have public and several hidden checks"
+    found = {}
+    for chk, hidden, index in checks:
+        case = chk.build(seed_for(chapter.name, exercise_id, index, hidden, salt))
+        runtime.seed_all(0)
+        try:
+            value = runtime.to_plain(runtime.evaluate(runtime.decode(runtime.encode(case.task)), namespace))
+        except Exception as err:  # noqa: BLE001 - a wrong answer may raise; that is a failed check
+            found[chk.description] = f"raised {type(err).__name__}: {err}"
+            continue
+        found[chk.description] = case.compare(value, case.expected)
+    return found
+
+
+def failed(found: dict) -> set[str]:
+    return {description for description, problem in found.items() if problem is not None}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """As in the sandbox: one thread (several threads on a busy machine make the training checks crawl)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- 5.4 train a classifier
+
+
+def test_5_4_the_model_answer_passes_every_check_whatever_the_salt():
+    namespace = solution_namespace("ch05")
+    for salt in SALTS:
+        assert not failed(outcomes("5.4", namespace, salt)), salt
+
+
+def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model
+
+
+class _Standardise(nn.Module):
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.mean, self.std = x.mean(0), x.std(0) + 1e-6
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def _mlp(dim: int, classes: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(dim, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, classes))
+
+
+class _Constant(nn.Module):
+    def __init__(self, classes: int):
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(classes))
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+TRIVIAL_5_4 = {
+    "untrained": lambda x, y, k, steps: nn.Sequential(_Standardise(x), _mlp(x.shape[1], k)),
+    "constant (best class frequency)": lambda x, y, k, steps: _fit(_Constant(k), x, y, steps),
+}
+HALF_RIGHT_5_4 = {  # answer -> the checks it must fail (at least)
+    "a trained linear model": (lambda x, y, k, steps: _fit(nn.Sequential(_Standardise(x), nn.Linear(x.shape[1], k)),
+                                                            x, y, steps),
+                               {"two rings in the plane, 150 steps", "three rings in the plane", "XOR clusters in 3-D"}),
+    "an MLP without normalisation": (lambda x, y, k, steps: _fit(_mlp(x.shape[1], k), x, y, steps),
+                                     {"inputs with a tiny scale and a large offset"}),
+    "normalising the training points only": (
+        lambda x, y, k, steps: _fit(_mlp(x.shape[1], k), (x - x.mean(0)) / x.std(0), y, steps),
+        {"inputs with a tiny scale and a large offset"}),
+}
+
+
+@pytest.mark.parametrize("name", TRIVIAL_5_4)
+def test_5_4_trivial_answers_fail_every_check(name):
+    found = outcomes("5.4", {"train_classifier": TRIVIAL_5_4[name]})
+    assert failed(found) == set(found), found
+    assert all("held-out accuracy" in problem for problem in found.values())
+
+
+@pytest.mark.parametrize("name", HALF_RIGHT_5_4)
+def test_5_4_half_right_answers_fail_the_checks_meant_for_them(name):
+    answer, must_fail = HALF_RIGHT_5_4[name]
+    found = outcomes("5.4", {"train_classifier": answer})
+    assert must_fail <= failed(found), found
+
+
+def test_5_4_wrong_shapes_are_named():
+    found = outcomes("5.4", {"train_classifier": lambda x, y, k, steps: nn.Linear(x.shape[1], k + 1)})
+    assert all(problem.startswith("expected logits of shape (512,") for problem in found.values()), found
