@@ -141,3 +141,62 @@ def test_5_4_half_right_answers_fail_the_checks_meant_for_them(name):
 def test_5_4_wrong_shapes_are_named():
     found = outcomes("5.4", {"train_classifier": lambda x, y, k, steps: nn.Linear(x.shape[1], k + 1)})
     assert all(problem.startswith("expected logits of shape (512,") for problem in found.values()), found
+
+
+# ---------------------------------------------------------------- 6.4 the gain of a block
+
+
+def _block(state: dict):
+    """The ULTIMUS block as a function of its state_dict, for one vector or a batch."""
+    def linear(name, v):
+        return v @ state[f"{name}.weight"].T + state[f"{name}.bias"]
+
+    def block(v):
+        q, k, val = linear("q", v), linear("k", v), linear("v", v)
+        am = torch.softmax(q[..., :, None] * k[..., None, :], dim=-1) / q.shape[-1] ** 0.5
+        return linear("out", (val[..., None, :] @ am)[..., 0, :])
+
+    return block
+
+
+def _jacobians(state, x, residual):
+    block = _block(state)
+    return torch.stack([torch.autograd.functional.jacobian(lambda v: v + block(v) if residual else block(v), v)
+                        for v in x])
+
+
+HALF_RIGHT_6_4 = {
+    "the Frobenius norm": (lambda s, x, residual=False: torch.linalg.matrix_norm(_jacobians(s, x, residual)),
+                           {"four examples, the block's initial weights, no residual path"}),
+    "the residual path forgotten": (lambda s, x, residual=False: torch.linalg.matrix_norm(_jacobians(s, x, False), 2),
+                                    {"with the residual path", "a single example, other sizes, with the residual path"}),
+    "one gain for the whole batch": (
+        lambda s, x, residual=False: torch.linalg.matrix_norm(_jacobians(s, x, residual), 2).max(),
+        {"four examples, the block's initial weights, no residual path", "other sizes (dim 20, attn_dim 5)"}),
+    "the spread across images, out over in": (
+        lambda s, x, residual=False: (_block(s)(x) + (x if residual else 0)).std(0).mean() / x.std(0).mean()
+        * torch.ones(len(x)), {"four examples, the block's initial weights, no residual path"}),
+    "the scale inside the softmax": (
+        lambda s, x, residual=False: torch.linalg.matrix_norm(_jacobians(
+            {**s, "q.weight": s["q.weight"] / s["q.weight"].shape[0] ** 0.5,
+             "q.bias": s["q.bias"] / s["q.weight"].shape[0] ** 0.5}, x, residual), 2),
+        {"four examples, the block's initial weights, no residual path", "large weights (saturated softmax rows)"}),
+}
+
+
+def test_6_4_the_model_answer_and_an_independent_one_pass_every_check():
+    namespace = solution_namespace("ch06")
+    for salt in SALTS:
+        assert not failed(outcomes("6.4", namespace, salt)), salt
+
+    def per_example_svd(state, x, residual=False):  # a loop of autograd Jacobians and full SVDs
+        return torch.stack([torch.linalg.svdvals(j)[0] for j in _jacobians(state, x, residual)])
+
+    assert not failed(outcomes("6.4", {"block_gain": per_example_svd}))
+
+
+@pytest.mark.parametrize("name", HALF_RIGHT_6_4)
+def test_6_4_half_right_answers_fail_the_checks_meant_for_them(name):
+    answer, must_fail = HALF_RIGHT_6_4[name]
+    found = outcomes("6.4", {"block_gain": answer})
+    assert must_fail <= failed(found), found
