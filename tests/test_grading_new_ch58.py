@@ -200,3 +200,58 @@ def test_6_4_half_right_answers_fail_the_checks_meant_for_them(name):
     answer, must_fail = HALF_RIGHT_6_4[name]
     found = outcomes("6.4", {"block_gain": answer})
     assert must_fail <= failed(found), found
+
+
+# ---------------------------------------------------------------- 7.6 attention over a padded batch
+
+
+def _padded_attention(mask_keys="where", zero_rows=True, off_by_one=False):
+    """Variants of the answer: how the padding keys are masked, whether padding rows are zeroed."""
+    import jax
+    import jax.numpy as jnp
+
+    def answer(p, x, lengths, heads):
+        def one(tokens, length):
+            n, dim = tokens.shape
+            hd = dim // heads
+            real = jnp.arange(n) <= length if off_by_one else jnp.arange(n) < length
+            q, k, v = (tokens @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(n, 3, heads, hd).transpose(1, 2, 0, 3)
+            scores = q @ k.transpose(0, 2, 1) / jnp.sqrt(hd)
+            if mask_keys == "where":
+                weights = jax.nn.softmax(jnp.where(real, scores, -jnp.inf), axis=-1)
+            elif mask_keys == "additive":  # a large negative number instead of -inf: also right
+                weights = jax.nn.softmax(scores - 1e9 * (1 - real), axis=-1)
+            elif mask_keys == "after softmax":  # zero the weights, then renormalise: underflows
+                weights = jax.nn.softmax(scores, axis=-1) * real
+                weights = weights / weights.sum(-1, keepdims=True)
+            else:
+                weights = jax.nn.softmax(scores, axis=-1)
+            out = (weights @ v).transpose(1, 0, 2).reshape(n, dim) @ p["proj"]["kernel"] + p["proj"]["bias"]
+            return jnp.where(real[:, None], out, 0.0) if zero_rows else out
+
+        return jax.vmap(one)(x, lengths)
+
+    return answer
+
+
+PUBLIC_7_6 = "3 sequences of at most 6 tokens, D = 16, 4 heads"
+HALF_RIGHT_7_6 = {
+    "no mask": (_padded_attention(mask_keys=None), {PUBLIC_7_6, "large values in the padding", "a single head"}),
+    "padding rows not zeroed": (_padded_attention(zero_rows=False), {PUBLIC_7_6, "a single head"}),
+    "masked after the softmax": (_padded_attention(mask_keys="after softmax"), {"large values in the padding"}),
+    "one padding token too many": (_padded_attention(off_by_one=True), {PUBLIC_7_6, "large values in the padding"}),
+}
+
+
+def test_7_6_the_model_answer_and_an_additive_mask_pass_every_check():
+    namespace = solution_namespace("ch07")
+    for salt in SALTS:
+        assert not failed(outcomes("7.6", namespace, salt)), salt
+    assert not failed(outcomes("7.6", {"padded_attention": _padded_attention(mask_keys="additive")}))
+
+
+@pytest.mark.parametrize("name", HALF_RIGHT_7_6)
+def test_7_6_half_right_answers_fail_the_checks_meant_for_them(name):
+    answer, must_fail = HALF_RIGHT_7_6[name]
+    found = outcomes("7.6", {"padded_attention": answer})
+    assert must_fail <= failed(found), found
