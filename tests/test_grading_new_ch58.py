@@ -71,10 +71,11 @@ def one_thread():
 # ---------------------------------------------------------------- 5.4 train a classifier
 
 
-def test_5_4_the_model_answer_passes_every_check_whatever_the_salt():
-    namespace = solution_namespace("ch05")
+@pytest.mark.parametrize("exercise_id", ["5.4", "6.4", "7.6", "8.4"])
+def test_the_model_answer_passes_every_check_whatever_the_salt(exercise_id):
+    namespace = solution_namespace(f"ch{int(exercise_id.split('.')[0]):02d}")
     for salt in SALTS:
-        assert not failed(outcomes("5.4", namespace, salt)), salt
+        assert not failed(outcomes(exercise_id, namespace, salt)), salt
 
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
@@ -131,13 +132,6 @@ def test_5_4_trivial_answers_fail_every_check(name):
     assert all("held-out accuracy" in problem for problem in found.values())
 
 
-@pytest.mark.parametrize("name", HALF_RIGHT_5_4)
-def test_5_4_half_right_answers_fail_the_checks_meant_for_them(name):
-    answer, must_fail = HALF_RIGHT_5_4[name]
-    found = outcomes("5.4", {"train_classifier": answer})
-    assert must_fail <= failed(found), found
-
-
 def test_5_4_wrong_shapes_are_named():
     found = outcomes("5.4", {"train_classifier": lambda x, y, k, steps: nn.Linear(x.shape[1], k + 1)})
     assert all(problem.startswith("expected logits of shape (512,") for problem in found.values()), found
@@ -184,22 +178,11 @@ HALF_RIGHT_6_4 = {
 }
 
 
-def test_6_4_the_model_answer_and_an_independent_one_pass_every_check():
-    namespace = solution_namespace("ch06")
-    for salt in SALTS:
-        assert not failed(outcomes("6.4", namespace, salt)), salt
-
+def test_6_4_an_answer_by_loops_and_full_svds_passes_every_check():
     def per_example_svd(state, x, residual=False):  # a loop of autograd Jacobians and full SVDs
         return torch.stack([torch.linalg.svdvals(j)[0] for j in _jacobians(state, x, residual)])
 
     assert not failed(outcomes("6.4", {"block_gain": per_example_svd}))
-
-
-@pytest.mark.parametrize("name", HALF_RIGHT_6_4)
-def test_6_4_half_right_answers_fail_the_checks_meant_for_them(name):
-    answer, must_fail = HALF_RIGHT_6_4[name]
-    found = outcomes("6.4", {"block_gain": answer})
-    assert must_fail <= failed(found), found
 
 
 # ---------------------------------------------------------------- 7.6 attention over a padded batch
@@ -243,15 +226,76 @@ HALF_RIGHT_7_6 = {
 }
 
 
-def test_7_6_the_model_answer_and_an_additive_mask_pass_every_check():
-    namespace = solution_namespace("ch07")
-    for salt in SALTS:
-        assert not failed(outcomes("7.6", namespace, salt)), salt
+def test_7_6_an_additive_mask_passes_every_check():
     assert not failed(outcomes("7.6", {"padded_attention": _padded_attention(mask_keys="additive")}))
 
 
-@pytest.mark.parametrize("name", HALF_RIGHT_7_6)
-def test_7_6_half_right_answers_fail_the_checks_meant_for_them(name):
-    answer, must_fail = HALF_RIGHT_7_6[name]
-    found = outcomes("7.6", {"padded_attention": answer})
+# ---------------------------------------------------------------- 8.4 layer-wise learning-rate decay
+
+
+def _groups(layer_of, exponent=lambda layer, n: n + 1 - layer, decayed=lambda name, shape: len(shape) > 1
+            and name not in ("cls_token", "pos_embed")):
+    """An answer with one group per parameter, built from the given rules."""
+
+    def answer(shapes, num_layers, lr, decay, weight_decay):
+        return [{"params": [name], "lr": lr * decay ** exponent(layer_of(name, num_layers), num_layers),
+                 "weight_decay": weight_decay if decayed(name, shape) else 0.0} for name, shape in shapes.items()]
+
+    return answer
+
+
+def _layer(name, num_layers):
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return 0 if name.split(".")[0] in ("cls_token", "pos_embed", "patch_embed") else num_layers + 1
+
+
+PUBLIC_8_4 = "a ViT of 4 blocks, decay 0.75"
+HALF_RIGHT_8_4 = {
+    "the block number read from one character": (
+        _groups(lambda name, n: int(name[7]) + 1 if name.startswith("blocks.") else _layer(name, n)),
+        {"12 blocks (two-digit block numbers), decay 0.65"}),
+    "the head decayed once too": (_groups(_layer, exponent=lambda layer, n: n + 2 - layer),
+                                  {PUBLIC_8_4, "a single block, decay 0.5"}),
+    "no decay at all": (_groups(_layer, exponent=lambda layer, n: 0), {PUBLIC_8_4, "a single block, decay 0.5"}),
+    "weight decay on the position embedding and the CLS token": (
+        _groups(_layer, decayed=lambda name, shape: len(shape) > 1), {PUBLIC_8_4}),
+    "the embeddings counted as the rest": (
+        _groups(lambda name, n: int(name.split(".")[1]) + 1 if name.startswith("blocks.") else n + 1), {PUBLIC_8_4}),
+    "the number of blocks counted from the names": (
+        lambda shapes, n, *rest: _groups(_layer)(shapes, len({k.split(".")[1] for k in shapes
+                                                             if k.startswith("blocks.")}), *rest),
+        {"only blocks 2 to 5, the final norm and the head trainable"}),
+}
+
+
+def test_8_4_one_group_per_parameter_passes_every_check():
+    assert not failed(outcomes("8.4", {"layer_decay_groups": _groups(_layer)}))  # one group per parameter is fine
+
+
+def test_8_4_groups_are_compared_name_by_name_with_one_sentence():
+    from vitcourse.grading.exercises.ch08 import groups_match
+
+    compare, expected = groups_match(), {"a": (1.0, 0.0), "b": (0.5, 0.1)}
+    assert compare([{"params": ["b"], "lr": 0.5, "weight_decay": 0.1}, {"params": ["a"], "lr": 1, "weight_decay": 0}],
+                   expected) is None
+    assert "more than one group" in compare([{"params": ["a", "a"], "lr": 1.0, "weight_decay": 0.0}], expected)
+    assert compare([{"params": ["a"], "lr": 1.0, "weight_decay": 0.0}], expected) == (
+        "parameters in no group: 1; names in a group that are not parameters: 0")
+    assert "wrong learning rate, for example 'b'" in compare(
+        [{"params": ["a"], "lr": 1.0, "weight_decay": 0.0}, {"params": ["b"], "lr": 0.4, "weight_decay": 0.1}], expected)
+    assert compare({"a": (1.0, 0.0)}, expected).startswith("expected a list of groups")
+
+
+# ---------------------------------------------------------------- all four: half-right answers
+
+HALF_RIGHT = {"5.4": ("train_classifier", HALF_RIGHT_5_4), "6.4": ("block_gain", HALF_RIGHT_6_4),
+              "7.6": ("padded_attention", HALF_RIGHT_7_6), "8.4": ("layer_decay_groups", HALF_RIGHT_8_4)}
+
+
+@pytest.mark.parametrize("exercise_id, name", [(ex, name) for ex, (_, cases) in HALF_RIGHT.items() for name in cases])
+def test_half_right_answers_fail_the_checks_meant_for_them(exercise_id, name):
+    answer_name, cases = HALF_RIGHT[exercise_id]
+    answer, must_fail = cases[name]
+    found = outcomes(exercise_id, {answer_name: answer})
     assert must_fail <= failed(found), found
