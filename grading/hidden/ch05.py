@@ -20,11 +20,11 @@ HIDDEN = {
         Check("a single example", confusion_case(1, 3)),
     ],
     "5.4": [
-        Check("three rings in the plane", training_case("rings", 3, 2, 150)),
-        Check("XOR clusters in 3-D", training_case("xor", 2, 3, 150)),
-        Check("three shells in 4-D", training_case("rings", 3, 4, 150)),
+        Check("three rings in the plane", training_case("rings", 3, 2, 100)),
+        Check("XOR clusters in 3-D", training_case("xor", 2, 3, 100)),
+        Check("three shells in 4-D", training_case("rings", 3, 4, 100)),
         # a spread of 0.01 around 100: a model that does not normalise its inputs stays near chance
-        Check("inputs with a tiny scale and a large offset", training_case("rings", 2, 2, 150, scale=0.01, shift=100.0)),
-        Check("a short budget of 80 steps", training_case("rings", 3, 2, 80)),
+        Check("inputs with a tiny scale and a large offset", training_case("rings", 2, 2, 100, scale=0.01, shift=100.0)),
+        Check("a short budget of 60 steps", training_case("rings", 3, 2, 60)),
     ],
 }
