@@ -85,6 +85,9 @@ CHAPTER = Chapter(
     name="ch06",
     title="The Ultimus exercise",
     sandbox_modules=(),
+    # torch.func (a natural way to write 6.4) imports torch._dynamo on first use, 2 to 3 s; every check runs
+    # in a fresh fork of the process that preloads, so load it there once rather than in each check.
+    preload="torch,torch._dynamo",
     exercises=[
         Exercise(
             id="6.1", title="The ULTIMUS block", points=4, answers=("UltimusBlock",),
