@@ -1,6 +1,7 @@
-"""Chapter 5 hidden checks: no warmup, warmup only, extreme logits, no smoothing, absent classes."""
+"""Chapter 5 hidden checks: no warmup, warmup only, extreme logits, no smoothing, absent classes;
+other data, dimensions and class counts, unnormalised inputs and a shorter budget for the trained classifier."""
 
-from vitcourse.grading.exercises.ch05 import confusion_case, schedule_case, smoothing_case
+from vitcourse.grading.exercises.ch05 import confusion_case, schedule_case, smoothing_case, training_case
 from vitcourse.grading.spec import Check
 
 HIDDEN = {
@@ -17,5 +18,13 @@ HIDDEN = {
     "5.3": [
         Check("a class that never occurs", confusion_case(50, 6, skip_class=True)),
         Check("a single example", confusion_case(1, 3)),
+    ],
+    "5.4": [
+        Check("three rings in the plane", training_case("rings", 3, 2, 100)),
+        Check("XOR clusters in 3-D", training_case("xor", 2, 3, 100)),
+        Check("three shells in 4-D", training_case("rings", 3, 4, 100)),
+        # a spread of 0.01 around 100: a model that does not normalise its inputs stays near chance
+        Check("inputs with a tiny scale and a large offset", training_case("rings", 2, 2, 100, scale=0.01, shift=100.0)),
+        Check("a short budget of 60 steps", training_case("rings", 3, 2, 60)),
     ],
 }

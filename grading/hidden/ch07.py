@@ -1,6 +1,14 @@
-"""Chapter 7 hidden checks: other sizes, large offsets, one head, a single example, no momentum."""
+"""Chapter 7 hidden checks: other sizes, large offsets, one head, a single example, no momentum;
+no padding, large values in the padding and one head for the padded batch."""
 
-from vitcourse.grading.exercises.ch07 import attention_case, layer_norm_case, loss_case, momentum_case, patch_kernel_case
+from vitcourse.grading.exercises.ch07 import (
+    attention_case,
+    layer_norm_case,
+    loss_case,
+    momentum_case,
+    padded_attention_case,
+    patch_kernel_case,
+)
 from vitcourse.grading.spec import Check
 
 HIDDEN = {
@@ -27,5 +35,11 @@ HIDDEN = {
         Check("the gradient for one-channel images and 2 classes", loss_case(5, (1, 3, 3), 2, what="grad")),
         Check("a step without momentum", momentum_case(0.5, 0.0)),
         Check("a small learning rate, momentum 0.5", momentum_case(1e-3, 0.5)),
+    ],
+    "7.6": [
+        Check("no padding at all", padded_attention_case(3, 6, 16, 4, full=True)),
+        # scores of padding keys near 1e6: masking after the softmax, or not at all, gives a wrong result
+        Check("large values in the padding", padded_attention_case(3, 6, 16, 4, garbage=1000.0)),
+        Check("a single head", padded_attention_case(3, 6, 16, 1)),
     ],
 }

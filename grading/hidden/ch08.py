@@ -1,7 +1,7 @@
 """Chapter 8 hidden checks: k = 1 and k = K, large logits; upsampling, the same grid, one channel;
-no steps, two classes, a large step."""
+no steps, two classes, a large step; twelve blocks, no decay, one block, a partly frozen model."""
 
-from vitcourse.grading.exercises.ch08 import probe_case, resize_case, topk_case
+from vitcourse.grading.exercises.ch08 import decay_case, probe_case, resize_case, topk_case
 from vitcourse.grading.spec import Check
 
 HIDDEN = {
@@ -19,5 +19,11 @@ HIDDEN = {
         Check("zero steps (the zero initialisation)", probe_case(10, 4, 5, 0, 0.1)),
         Check("two classes and a single example per step", probe_case(1, 3, 2, 5, 0.2)),
         Check("a large step size", probe_case(20, 8, 4, 10, 5.0)),
+    ],
+    "8.4": [
+        Check("12 blocks (two-digit block numbers), decay 0.65", decay_case(12, 5e-4, 0.65, 0.05)),
+        Check("decay 1 (one learning rate) and no weight decay", decay_case(3, 1e-3, 1.0, 0.0)),
+        Check("a single block, decay 0.5", decay_case(1, 2e-3, 0.5, 0.1)),
+        Check("only blocks 2 to 5, the final norm and the head trainable", decay_case(6, 1e-3, 0.8, 0.05, 2)),
     ],
 }

@@ -4,7 +4,9 @@ Students write the three small pieces of the training chapter that a reader shou
 able to write from the equations: the warmup-then-cosine learning-rate schedule, the
 label-smoothed cross-entropy, and the confusion matrix. The expected values come from
 the course's training code (:func:`vitcourse.train.learning_rates`), from PyTorch's own
-``F.cross_entropy(label_smoothing=...)`` and from a direct count.
+``F.cross_entropy(label_smoothing=...)`` and from a direct count. Exercise 5.4 trains a
+small classifier: the grader draws the data, and the check is a property of the result
+(its accuracy on held-out points from the same generator), not a value to match.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch.nn.functional as F
 
 from vitcourse.train import TrainConfig, learning_rates
 
-from ..runtime import arr, call
-from ..spec import Case, Chapter, Check, Exercise, allclose, exact
+from ..runtime import apply, arr, call, method
+from ..spec import Case, Chapter, Check, Comparison, Exercise, allclose, exact
 from ._common import randn, t
 
 
@@ -61,10 +63,74 @@ def confusion_case(n: int, classes: int, skip_class: bool = False):
     return build
 
 
+def point_data(rng: np.random.Generator, n: int, kind: str, classes: int, dim: int,
+               scale: float = 1.0, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` labelled points ``(n, dim)`` float32 and ``(n,)`` int64 that no linear classifier separates.
+
+    ``"rings"``: class ``c`` lies on the sphere of radius ``1 + c`` (radial noise 0.15), so the
+    classes are nested shells. ``"xor"``: two classes of four Gaussian clusters (std 0.3) at the
+    corners ``(±1, ±1)`` of the first two coordinates, the label being the XOR of the two signs;
+    further coordinates are noise. Finally ``x * scale + shift``: inputs of any scale and offset.
+    """
+    if kind == "rings":
+        labels = rng.integers(0, classes, n)
+        direction = rng.standard_normal((n, dim))
+        direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+        x = direction * (1.0 + labels + 0.15 * rng.standard_normal(n))[:, None]
+    elif kind == "xor":
+        corner = rng.integers(0, 2, (n, 2))
+        labels = corner[:, 0] ^ corner[:, 1]
+        x = 0.3 * rng.standard_normal((n, dim))
+        x[:, :2] += 2.0 * corner - 1.0
+    else:
+        raise ValueError(f"unknown kind {kind!r}; use 'rings' or 'xor'.")
+    return (x * scale + shift).astype(np.float32), labels.astype(np.int64)
+
+
+def accuracy_at_least(threshold: float) -> Comparison:
+    """The logits ``(N, K)`` of held-out points must classify at least ``threshold`` of them correctly."""
+
+    def compare(actual, expected) -> str | None:
+        labels, classes = expected
+        shape = (len(labels), classes)
+        if not isinstance(actual, np.ndarray) or actual.shape != shape:
+            got = f"shape {tuple(actual.shape)}" if isinstance(actual, np.ndarray) else f"a {type(actual).__name__}"
+            return f"expected logits of shape {shape} from the trained model, got {got}"
+        if not np.isfinite(actual).all():
+            return "the trained model's logits have infinite or NaN entries"
+        accuracy = float(np.mean(actual.argmax(axis=1) == labels))
+        if accuracy < threshold:
+            return f"held-out accuracy {accuracy:.3f}, below the required {threshold:.2f}"
+        return None
+
+    return compare
+
+
+TRAIN_POINTS, HELD_OUT_POINTS = 256, 512
+ACCURACY_REQUIRED = 0.9
+"""The model answer reaches at least 0.98 on every seed tried; a linear model at most 0.76, chance 1/K."""
+
+
+def training_case(kind: str, classes: int, dim: int, steps: int, scale: float = 1.0, shift: float = 0.0):
+    """``train_classifier(x, y, classes, steps)``, then its eval-mode logits on held-out points."""
+
+    def build(rng: np.random.Generator) -> Case:
+        x, y = point_data(rng, TRAIN_POINTS, kind, classes, dim, scale, shift)
+        x_val, y_val = point_data(rng, HELD_OUT_POINTS, kind, classes, dim, scale, shift)
+        model = method(call("train_classifier", arr(x), arr(y), classes, steps), "eval")
+        return Case(apply(model, arr(x_val)), (y_val, classes), accuracy_at_least(ACCURACY_REQUIRED))
+
+    return build
+
+
 CHAPTER = Chapter(
     name="ch05",
     title="Training a Vision Transformer",
     sandbox_modules=(),
+    # 5.4 trains six small models, public and hidden checks sharing one budget: the model answer needs
+    # about 2 s of CPU, and 10 to 15 s of wall time in the sandbox on a 2-core machine at load 10; the
+    # margin is for slower answers (minibatches, wider models) and busier machines.
+    exercise_seconds=40.0,
     exercises=[
         Exercise(
             id="5.1", title="Warmup and cosine decay", points=3, answers=("warmup_cosine",),
@@ -86,6 +152,15 @@ CHAPTER = Chapter(
             statement="Write confusion_matrix(predictions, labels, num_classes): a (K, K) integer tensor whose "
                       "entry [i, j] counts the examples of true class i predicted as class j.",
             public=[Check("200 predictions over 10 classes", confusion_case(200, 10))],
+        ),
+        Exercise(
+            id="5.4", title="Train a classifier that generalises", points=4, answers=("train_classifier",),
+            statement=f"Write train_classifier(x, y, num_classes, steps): train, with at most `steps` optimizer steps, "
+                      f"and return an nn.Module mapping RAW points (B, D) (of any scale and offset) to logits "
+                      f"(B, num_classes). The points come in classes no straight line separates (nested rings, "
+                      f"XOR clusters). The grader calls model.eval(), then model(x_val) on {HELD_OUT_POINTS} held-out "
+                      f"points of the same generator, and needs an accuracy of at least {ACCURACY_REQUIRED:.0%}.",
+            public=[Check("two rings in the plane, 100 steps", training_case("rings", 2, 2, 100))],
         ),
     ],
 )

@@ -2,18 +2,22 @@
 
 Students write the ULTIMUS block, the network of the assignment with its exact parameter count,
 and the repaired network of the chapter (BatchNorm + ReLU in the stem, a residual path around
-every block). The grading sandbox exposes no core module: :mod:`vitcourse.ultimus` is the answer.
+every block). Exercise 6.4 is a measurement: the largest singular value of one block's
+input-output Jacobian per example, with and without the residual path, against
+``torch.autograd.functional.jacobian`` on the course's block. The grading sandbox exposes no core
+module: :mod:`vitcourse.ultimus` is the answer.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from vitcourse.ultimus import SPEC_NUM_PARAMETERS, VARIANTS, UltimusBlock
 
-from ..runtime import apply, arr, new, num_params, state_shapes
-from ..spec import Case, Chapter, Check, Exercise, exact
-from ._common import randn, randomised, run, shapes, weights
+from ..runtime import apply, arr, call, new, num_params, state_shapes
+from ..spec import Case, Chapter, Check, Exercise, allclose, exact
+from ._common import randn, randomised, run, shapes, t, weights
 
 
 def block_case(dim: int, attn_dim: int, batch: int, what: str = "forward", scale: float = 0.3):
@@ -51,10 +55,39 @@ def net_case(name: str, variant: str, batch: int, image_size: int = 32, num_clas
     return build
 
 
+def gain_reference(block: torch.nn.Module, x: torch.Tensor, residual: bool) -> np.ndarray:
+    """(B,): the spectral norm of d f(x_b) / d x_b, f = block or identity + block, one example at a time."""
+    def f(v):  # (D,) -> (D,)
+        out = block(v[None])[0]
+        return v + out if residual else out
+
+    return np.array([torch.linalg.svdvals(torch.autograd.functional.jacobian(f, v))[0].item() for v in x],
+                    dtype=np.float32)
+
+
+def gain_case(dim: int, attn_dim: int, batch: int, residual: bool = False, scale: float | None = None):
+    """``block_gain(state, x, residual)`` for the block's initial weights (``scale=None``) or random ones."""
+
+    def build(rng: np.random.Generator) -> Case:
+        with torch.random.fork_rng():  # PyTorch's own initialisation, seeded by the check
+            torch.manual_seed(int(rng.integers(2**31)))
+            block = UltimusBlock(dim, attn_dim).eval()
+        if scale is not None:
+            block = randomised(block, rng, scale=scale)
+        x = randn(rng, batch, dim, scale=2.0)
+        expected = gain_reference(block, t(x), residual)
+        return Case(call("block_gain", weights(block), arr(x), residual), expected, allclose(atol=1e-5, rtol=1e-3))
+
+    return build
+
+
 CHAPTER = Chapter(
     name="ch06",
     title="The Ultimus exercise",
     sandbox_modules=(),
+    # torch.func (a natural way to write 6.4) imports torch._dynamo on first use, 2 to 3 s; every check runs
+    # in a fresh fork of the process that preloads, so load it there once rather than in each check.
+    preload="torch,torch._dynamo",
     exercises=[
         Exercise(
             id="6.1", title="The ULTIMUS block", points=4, answers=("UltimusBlock",),
@@ -83,6 +116,14 @@ CHAPTER = Chapter(
             public=[Check("the parameter names and shapes",
                           net_case("RepairedUltimusNet", "ultimus_repaired", 2, what="shapes")),
                     Check("the output in eval mode", net_case("RepairedUltimusNet", "ultimus_repaired", 2))],
+        ),
+        Exercise(
+            id="6.4", title="How much can a block amplify a difference?", points=4, answers=("block_gain",),
+            statement="Write block_gain(state, x, residual=False): state is an UltimusBlock state_dict ('q.weight' "
+                      "(attn_dim, dim), 'q.bias', 'k.*', 'v.*', 'out.weight' (dim, attn_dim), 'out.bias'), x is "
+                      "(B, dim). For each example b return the largest singular value of the (dim, dim) Jacobian "
+                      "of f at x[b], where f(v) = block(v), or v + block(v) when residual is True: a (B,) tensor.",
+            public=[Check("four examples, the block's initial weights, no residual path", gain_case(48, 8, 4))],
         ),
     ],
 )

@@ -6,7 +6,9 @@ ported from a ``Conv2d`` weight, a loss written for one example and batched with
 ``jax.vmap``, its gradient, and momentum SGD as a tree map. Expected values come from
 PyTorch (``F.layer_norm``, :class:`vitcourse.attention.MultiHeadSelfAttention`,
 ``F.conv2d``, ``F.cross_entropy`` and autograd, ``torch.optim.SGD``), never from
-:mod:`vitcourse.jax_vit`, which the grading sandbox does not expose.
+:mod:`vitcourse.jax_vit`, which the grading sandbox does not expose. Exercise 7.6, attention over
+a padded batch with a key mask, is checked against the PyTorch attention run on each sequence cut
+to its true length, so the reference has no mask at all.
 """
 
 from __future__ import annotations
@@ -102,6 +104,30 @@ def attention_case(tokens: int, dim: int, heads: int):
             expected = reference(t(x)[None])[0].numpy()  # the reference wants a batch: (1, N, D)
         p = {"qkv": linear_params(reference.qkv), "proj": linear_params(reference.proj)}
         return Case(call("self_attention", p, jx(x), heads), expected, allclose(atol=1e-5, rtol=1e-4))
+
+    return build
+
+
+def padded_attention_case(batch: int, tokens: int, dim: int, heads: int, full: bool = False, garbage: float = 1.0):
+    """``padded_attention(p, x, lengths, heads)`` against the PyTorch attention of each sequence cut to its length.
+
+    The padded positions hold noise of size ``garbage`` (never seen by the reference); their outputs must be 0.
+    """
+
+    def build(rng: np.random.Generator) -> Case:
+        reference = randomised(MultiHeadSelfAttention(dim, heads, fused=False), rng)
+        x = randn(rng, batch, tokens, dim)
+        lengths = np.full(batch, tokens) if full else rng.integers(1, tokens + 1, batch)
+        if not full:  # always one full sequence and one of a single token
+            lengths[:2] = tokens, 1
+        lengths = lengths.astype(np.int32)
+        expected = np.zeros_like(x)
+        for b, length in enumerate(lengths):
+            x[b, length:] = randn(rng, tokens - length, dim, scale=garbage)
+            with torch.no_grad():
+                expected[b, :length] = reference(t(x[b:b + 1, :length]))[0].numpy()
+        p = {"qkv": linear_params(reference.qkv), "proj": linear_params(reference.proj)}
+        return Case(call("padded_attention", p, jx(x), jx(lengths), heads), expected, allclose(atol=1e-5, rtol=1e-4))
 
     return build
 
@@ -239,6 +265,14 @@ CHAPTER = Chapter(
                       "params = params - lr * velocity for every leaf of the pytrees, with jax.tree.map.",
             public=[Check("the gradient for 8 images, 5 classes", loss_case(8, (2, 4, 4), 5, what="grad")),
                     Check("one momentum step on a nested pytree", momentum_case(0.1, 0.9))],
+        ),
+        Exercise(
+            id="7.6", title="Attention over a padded batch", points=4, answers=("padded_attention",),
+            statement="Write padded_attention(p, x, lengths, heads) for a batch x (B, N, D) of sequences padded to N "
+                      "tokens, only the first lengths[b] tokens of sequence b being real (1 <= lengths[b] <= N): the "
+                      "self-attention of 7.2 per sequence with the scores of padding keys masked before the softmax "
+                      "(they get weight 0), batched with jax.vmap; (B, N, D), the rows of padding positions exactly 0.",
+            public=[Check("3 sequences of at most 6 tokens, D = 16, 4 heads", padded_attention_case(3, 6, 16, 4))],
         ),
     ],
 )

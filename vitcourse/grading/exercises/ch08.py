@@ -9,14 +9,17 @@ gradient descent with PyTorch's autograd and ``F.cross_entropy``.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vitcourse.pretrained import resize_pos_embed
+from vitcourse.vit import ViTConfig, VisionTransformer
 
 from ..runtime import arr, call
-from ..spec import Case, Chapter, Check, Exercise, allclose
+from ..spec import Case, Chapter, Check, Comparison, Exercise, allclose
 from ._common import randn, t
 
 
@@ -69,6 +72,68 @@ def probe_case(batch: int, dim: int, classes: int, steps: int, lr: float):
     return build
 
 
+def layer_of(name: str, num_layers: int) -> int:
+    """The layer id of a parameter (BEiT/MAE): 0 the embeddings, i + 1 block i, num_layers + 1 the rest."""
+    block = re.fullmatch(r"blocks\.(\d+)\..+", name)
+    if block:
+        return int(block.group(1)) + 1
+    return 0 if name in ("cls_token", "pos_embed") or name.startswith("patch_embed.") else num_layers + 1
+
+
+def decay_reference(shapes: dict, num_layers: int, lr: float, decay: float, weight_decay: float) -> dict:
+    """``{name: (lr, weight_decay)}`` of layer-wise learning-rate decay."""
+    expected = {}
+    for name, shape in shapes.items():
+        no_decay = len(shape) <= 1 or name in ("cls_token", "pos_embed")
+        expected[name] = (lr * decay ** (num_layers + 1 - layer_of(name, num_layers)), 0.0 if no_decay else weight_decay)
+    return expected
+
+
+def groups_match() -> Comparison:
+    """Parameter groups ``[{"params": [names], "lr", "weight_decay"}]`` against ``{name: (lr, weight_decay)}``."""
+
+    def compare(actual, expected) -> str | None:
+        if not isinstance(actual, list) or not all(
+                isinstance(g, dict) and {"params", "lr", "weight_decay"} <= set(g) and isinstance(g["params"], list)
+                for g in actual):
+            return 'expected a list of groups {"params": [names], "lr": ..., "weight_decay": ...}'
+        got: dict = {}
+        for group in actual:
+            for name in group["params"]:
+                if name in got:
+                    return f"parameter {name!r} is in more than one group"
+                got[name] = (group["lr"], group["weight_decay"])
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        if missing or extra:
+            return f"parameters in no group: {len(missing)}; names in a group that are not parameters: {len(extra)}"
+        for what, index in (("learning rate", 0), ("weight decay", 1)):
+            wrong = [n for n in expected if not isinstance(got[n][index], (int, float))
+                     or not np.isclose(got[n][index], expected[n][index], rtol=1e-6, atol=0)]
+            if wrong:
+                return f"{len(wrong)} of {len(expected)} parameters get the wrong {what}, for example {wrong[0]!r}"
+        return None
+
+    return compare
+
+
+def decay_case(depth: int, lr: float, decay: float, weight_decay: float, trainable_from: int | None = None):
+    """``layer_decay_groups(shapes, depth, lr, decay, weight_decay)`` for a small ViT of ``depth`` blocks.
+
+    ``trainable_from``: only the parameters of blocks ``trainable_from`` and later, the final norm and the
+    head are passed, as when the rest is frozen.
+    """
+
+    def build(rng: np.random.Generator) -> Case:
+        model = VisionTransformer(ViTConfig(dim=8, heads=2, mlp_dim=16, depth=depth, num_classes=int(rng.integers(2, 20))))
+        shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+        if trainable_from is not None:
+            shapes = {n: s for n, s in shapes.items() if layer_of(n, depth) > trainable_from}
+        expected = decay_reference(shapes, depth, lr, decay, weight_decay)
+        return Case(call("layer_decay_groups", shapes, depth, lr, decay, weight_decay), expected, groups_match())
+
+    return build
+
+
 CHAPTER = Chapter(
     name="ch08",
     title="From your own code to a pretrained ViT",
@@ -98,6 +163,15 @@ CHAPTER = Chapter(
                       "mean cross-entropy of the logits features @ weight.T + bias (features (B, D), integer "
                       "labels (B,)); return (weight, bias).",
             public=[Check("20 steps on 32 features of size 6 over 3 classes", probe_case(32, 6, 3, 20, 0.5))],
+        ),
+        Exercise(
+            id="8.4", title="Layer-wise learning-rate decay", points=4, answers=("layer_decay_groups",),
+            statement="Write layer_decay_groups(shapes, num_layers, lr, decay, weight_decay) for shapes = {name: shape} "
+                      "of a ViT's parameters in timm naming: a list of groups {'params': [names], 'lr', 'weight_decay'}, "
+                      "every name in exactly one. Layer 0: cls_token, pos_embed, patch_embed.*; layer i + 1: blocks.i.*; "
+                      "layer num_layers + 1: the rest. Learning rate lr * decay ** (num_layers + 1 - layer); weight "
+                      "decay 0 for cls_token, pos_embed and every parameter with at most one dimension, else weight_decay.",
+            public=[Check("a ViT of 4 blocks, decay 0.75", decay_case(4, 1e-3, 0.75, 0.05))],
         ),
     ],
 )
