@@ -8,6 +8,9 @@ Three pieces, each built from the one before:
 * :class:`MultiHeadSelfAttention` - one fused ``qkv`` projection, ``heads``
   parallel attentions over slices of the embedding, and an output projection
   ``proj``. Parameter names and layout match ``timm``'s ``Attention`` module.
+  With ``lsa=True`` it becomes the *locality self-attention* of Lee, Lee & Song
+  (2021): a learned temperature instead of ``sqrt(d_k)`` and no attention from a
+  token to itself.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def scaled_dot_product_attention(
     v: Tensor,
     mask: Tensor | None = None,
     return_weights: bool = False,
+    scale: float | Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention written out: scores, scale, mask, softmax, weighted sum.
 
@@ -60,6 +64,8 @@ def scaled_dot_product_attention(
             ``True`` means "may attend", ``False`` means "masked out" (the
             convention of :func:`torch.nn.functional.scaled_dot_product_attention`).
         return_weights: also return the attention weights.
+        scale: multiplies the scores ``q kᵀ``; ``None`` means ``1 / sqrt(d_k)``. A scalar
+            tensor (a learned inverse temperature) keeps its gradient.
 
     Returns:
         The output, shape ``(..., n_q, d_v)``; with ``return_weights`` a pair
@@ -75,8 +81,8 @@ def scaled_dot_product_attention(
         raise ValueError(
             f"got {k.shape[-2]} keys but {v.shape[-2]} values; every key needs one value."
         )
-    d_k = q.shape[-1]
-    scores = q @ k.transpose(-2, -1) / math.sqrt(d_k)  # (..., n_q, n_k)
+    scores = q @ k.transpose(-2, -1)  # (..., n_q, n_k)
+    scores = scores / math.sqrt(q.shape[-1]) if scale is None else scores * scale
     if mask is not None:
         if mask.dtype != torch.bool:
             raise TypeError(
@@ -99,6 +105,11 @@ class MultiHeadSelfAttention(nn.Module):
         proj_dropout: dropout after the output projection during training.
         fused: run through :func:`torch.nn.functional.scaled_dot_product_attention`
             (fast, no weights returned) instead of the explicit path.
+        lsa: locality self-attention (Lee, Lee & Song 2021): the scores are divided by a
+            learnable ``temperature`` (one scalar, initialised to ``sqrt(head_dim)``, so training
+            starts exactly at the standard scale) instead of the fixed ``sqrt(head_dim)``, and
+            the diagonal is masked out, so each token's weights go to the *other* tokens and the
+            softmax can sharpen. Off by default: then there is no extra parameter.
 
     Shapes:
         input ``(B, N, D)`` -> output ``(B, N, D)``. With ``return_weights=True``
@@ -118,6 +129,7 @@ class MultiHeadSelfAttention(nn.Module):
         attn_dropout: float = 0.0,
         proj_dropout: float = 0.0,
         fused: bool = True,
+        lsa: bool = False,
     ) -> None:
         super().__init__()
         if dim % heads != 0:
@@ -133,6 +145,9 @@ class MultiHeadSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)  # heads concatenated -> D
         self.weight_dropout = nn.Dropout(attn_dropout)  # on the attention matrix
         self.output_dropout = nn.Dropout(proj_dropout)  # on the block's output
+        self.lsa = lsa
+        if lsa:  # scores / temperature; starts at the usual sqrt(d_k)
+            self.temperature = nn.Parameter(torch.tensor(math.sqrt(self.head_dim)))
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, return_weights: bool = False
@@ -142,12 +157,19 @@ class MultiHeadSelfAttention(nn.Module):
         q, k, v = rearrange(
             self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads
         )  # each (B, h, N, head_dim)
-        weights = None
+        weights, scale = None, None
+        if self.lsa:
+            n = x.shape[1]
+            off_diagonal = ~torch.eye(n, dtype=torch.bool, device=x.device)  # (N, N): no token attends to itself
+            mask = off_diagonal if mask is None else mask & off_diagonal
+            scale = 1.0 / self.temperature  # a tensor, so the temperature is learned
         if self.fused and not return_weights:
             dropout_p = self.weight_dropout.p if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            if scale is not None:  # the fused kernel takes a float scale only: scale the queries instead
+                q, scale = q * scale, 1.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
         else:
-            _, weights = scaled_dot_product_attention(q, k, v, mask, return_weights=True)
+            _, weights = scaled_dot_product_attention(q, k, v, mask, return_weights=True, scale=scale)
             out = self.weight_dropout(weights) @ v  # (B, h, N, head_dim)
         out = rearrange(out, "b h n d -> b n (h d)")  # heads side by side again: (B, N, D)
         out = self.output_dropout(self.proj(out))

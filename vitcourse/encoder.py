@@ -81,6 +81,7 @@ class EncoderBlock(nn.Module):
         dropout: dropout in the MLP and after the attention projection.
         drop_path: stochastic-depth probability for both residual branches.
         fused_attention: use ``F.scaled_dot_product_attention`` when no weights are asked for.
+        lsa: locality self-attention (see :class:`~vitcourse.attention.MultiHeadSelfAttention`).
 
     Shapes:
         ``(B, N, D)`` -> ``(B, N, D)``; with ``return_weights=True`` also the
@@ -95,10 +96,11 @@ class EncoderBlock(nn.Module):
         dropout: float = 0.0,
         drop_path: float = 0.0,
         fused_attention: bool = True,
+        lsa: bool = False,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = MultiHeadSelfAttention(dim, heads, proj_dropout=dropout, fused=fused_attention)
+        self.attn = MultiHeadSelfAttention(dim, heads, proj_dropout=dropout, fused=fused_attention, lsa=lsa)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = MLP(dim, mlp_dim, dropout)
         self.drop_path = DropPath(drop_path)

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from torch import nn
 
 from .encoder import LAYER_NORM_EPS
+from .small_data import require_plain_vit
 from .vit import ViTConfig, VisionTransformer
 
 __all__ = ["timm_vit", "to_timm", "from_timm", "check_timm_model"]
@@ -51,8 +52,10 @@ def timm_vit(config: ViTConfig) -> nn.Module:
     projection and both MLP layers, and not before the head.
 
     Raises:
-        ValueError: if the installed timm builds something :func:`check_timm_model` refuses.
+        ValueError: if the installed timm builds something :func:`check_timm_model` refuses,
+            or ``config`` uses a small-data option (``stem`` other than ``"patch"``, ``lsa``).
     """
+    require_plain_vit(config, "timm")  # timm has no SPT, conv stem or LSA
     c = config
     model = _timm().VisionTransformer(
         img_size=c.image_size,
@@ -91,6 +94,7 @@ def from_timm(timm_model: nn.Module, config: ViTConfig) -> VisionTransformer:
         ValueError: if the timm model computes anything ``VisionTransformer(config)`` does not
             (see :func:`check_timm_model`), naming the first mismatch.
     """
+    require_plain_vit(config, "timm")  # timm has no SPT, conv stem or LSA
     model = VisionTransformer(config)
     _refuse_first(_mismatches(timm_model, model))
     model.load_state_dict(timm_model.state_dict(), strict=True)
@@ -113,6 +117,7 @@ def check_timm_model(timm_model: nn.Module, config: ViTConfig) -> None:
     Raises:
         ValueError: one sentence naming the first mismatch and how to build a timm model without it.
     """
+    require_plain_vit(config, "timm")  # timm has no SPT, conv stem or LSA
     _refuse_first(_mismatches(timm_model, VisionTransformer(config)))
 
 

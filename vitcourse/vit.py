@@ -3,7 +3,7 @@
 ``VisionTransformer`` assembles the pieces of the earlier chapters::
 
     images (B, C, H, W)
-      -> PatchEmbed                       (B, N, D)
+      -> PatchEmbed (or SPT, or conv stem) (B, N, D)
       -> prepend CLS token                (B, N + 1, D)
       -> + learned positional embedding   (B, N + 1, D)
       -> dropout, depth x EncoderBlock    (B, N + 1, D)
@@ -12,7 +12,9 @@
 
 Its ``state_dict`` has exactly timm's names and shapes, so the weights load
 into ``timm.models.vision_transformer.VisionTransformer`` and back (see
-:mod:`vitcourse.timm_compat`).
+:mod:`vitcourse.timm_compat`). The small-data options of ``ViTConfig``
+(``stem="spt"`` or ``"conv"``, ``lsa=True``; see :mod:`vitcourse.small_data`)
+add parameters timm does not have; with their defaults the model is the plain ViT.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from torch import Tensor, nn
 
 from .encoder import LAYER_NORM_EPS, EncoderBlock
 from .patches import PatchEmbed, check_image_size
+from .small_data import STEMS, ConvStem, ShiftedPatchTokenization, conv_stem_widths
 
 __all__ = ["ViTConfig", "VisionTransformer", "count_parameters", "expected_num_parameters", "PRESETS"]
 
@@ -43,6 +46,11 @@ class ViTConfig:
         mlp_dim: hidden size of each block's MLP.
         dropout: dropout after the positional embedding and inside the blocks.
         drop_path: stochastic-depth rate of the last block (linearly increasing from 0).
+        stem: how images become tokens: ``"patch"`` (the ViT's linear patch embedding),
+            ``"spt"`` (shifted patch tokenization) or ``"conv"`` (a convolutional stem; needs a
+            power-of-two ``patch_size``). See :mod:`vitcourse.small_data`.
+        lsa: locality self-attention in every block (learned temperature, no self-attention
+            on the diagonal); see :class:`vitcourse.attention.MultiHeadSelfAttention`.
     """
 
     image_size: int = 32
@@ -55,6 +63,8 @@ class ViTConfig:
     mlp_dim: int = 384
     dropout: float = 0.0
     drop_path: float = 0.0
+    stem: str = "patch"
+    lsa: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_dim"):
@@ -71,6 +81,12 @@ class ViTConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"ViTConfig.{name} must be in [0, 1), got {value!r}.")
+        if self.stem not in STEMS:
+            raise ValueError(f"ViTConfig.stem must be one of {', '.join(map(repr, STEMS))}, got {self.stem!r}.")
+        if self.stem == "conv":
+            conv_stem_widths(self.patch_size, self.dim)  # raises unless patch_size is a power of two
+        if not isinstance(self.lsa, bool):
+            raise ValueError(f"ViTConfig.lsa must be True or False, got {self.lsa!r}.")
 
     @property
     def num_patches(self) -> int:
@@ -112,13 +128,14 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.patch_embed = PatchEmbed(c.image_size, c.patch_size, c.in_channels, c.dim)
+        stem = {"patch": PatchEmbed, "spt": ShiftedPatchTokenization, "conv": ConvStem}[c.stem]
+        self.patch_embed = stem(c.image_size, c.patch_size, c.in_channels, c.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.seq_len, c.dim))
         self.pos_drop = nn.Dropout(c.dropout)
         rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = nn.ModuleList(
-            EncoderBlock(c.dim, c.heads, c.mlp_dim, c.dropout, drop_path=r) for r in rates
+            EncoderBlock(c.dim, c.heads, c.mlp_dim, c.dropout, drop_path=r, lsa=c.lsa) for r in rates
         )
         self.norm = nn.LayerNorm(c.dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(c.dim, c.num_classes)
@@ -128,6 +145,8 @@ class VisionTransformer(nn.Module):
         """timm's and DeiT's initialisation: truncated normal (std 0.02) for linears and positions, zero biases.
 
         The original ViT code used Xavier-uniform linear weights instead; chapter 3 compares them.
+        Convolutions (the patch projection, a convolutional stem) keep PyTorch's default
+        initialisation, and an LSA temperature keeps its ``sqrt(head_dim)``.
         """
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -188,10 +207,22 @@ def expected_num_parameters(config: ViTConfig) -> int:
     Patch embedding ``P*P*C*D + D``; CLS token ``D``; positions ``(N + 1) * D``;
     per block two LayerNorms ``4D``, ``qkv`` ``3D*D + 3D``, ``proj`` ``D*D + D``,
     MLP ``2*D*M + M + D``; final LayerNorm ``2D``; head ``D*K + K``.
+
+    The small-data options change two terms: shifted patch tokenization has a LayerNorm and a
+    linear layer on ``F = 5*P*P*C`` features, ``2F + F*D + D``; the convolutional stem has, per
+    3x3 convolution ``c_in -> c_out``, ``9*c_in*c_out`` weights and ``2*c_out`` BatchNorm
+    parameters, then a 1x1 convolution ``c_last*D + D``; LSA adds one temperature per block.
     """
     c = config
     d, m = c.dim, c.mlp_dim
-    patch = c.patch_size**2 * c.in_channels * d + d
+    if c.stem == "spt":
+        f = 5 * c.patch_size**2 * c.in_channels
+        patch = 2 * f + f * d + d
+    elif c.stem == "conv":
+        widths = [c.in_channels, *conv_stem_widths(c.patch_size, d)]
+        patch = sum(9 * a * b + 2 * b for a, b in zip(widths, widths[1:])) + widths[-1] * d + d
+    else:
+        patch = c.patch_size**2 * c.in_channels * d + d
     tokens = d + c.seq_len * d
-    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (2 * d * m + m + d)
+    block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (2 * d * m + m + d) + int(c.lsa)
     return patch + tokens + c.depth * block + 2 * d + (d * c.num_classes + c.num_classes)
