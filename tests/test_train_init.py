@@ -110,6 +110,9 @@ def test_config_takes_the_checkpoint_architecture_at_the_data_resolution(folder,
 
     legacy = {k: v for k, v in legacy.items()
               if k not in ("max_steps", "num_workers", "checkpoint_every", "data_root", "eval_batch_size")}
+    legacy["vit"] = {k: v for k, v in legacy["vit"].items() if k not in ("stem", "lsa")}  # added later still
+    spt = CONFIGS["quick"].replace(vit=dataclasses.replace(CONFIGS["quick"].vit, stem="spt"))
+    assert fingerprint(spt) != fingerprint(CONFIGS["quick"])
     assert fingerprint(CONFIGS["quick"]) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:8]
     for bad, needle in ((f"{NAME}", "timm:NAME"), ("timm:", "timm:NAME"), ("timm:no_such_vit_at_all", "no model"),
                         ("timm:resnet18", "not a ViT")):
@@ -246,7 +249,7 @@ def test_unreachable_hub_is_one_sentence_that_points_to_a_local_file(folder, tim
         pretrained.init_from_timm(build_model(cfg, 3), cfg)
 
 
-def test_a_run_written_before_the_init_fields_existed_still_resumes(folder, tmp_path):
+def test_a_run_written_before_the_init_and_stem_fields_existed_still_resumes(folder, tmp_path):
     from vitcourse.train import RESUME_FILE
 
     cfg = CONFIGS["quick"].replace(data=str(folder), allow_synthetic=False, batch_size=6, epochs=1, max_steps=1)
@@ -255,6 +258,8 @@ def test_a_run_written_before_the_init_fields_existed_still_resumes(folder, tmp_
     state = torch.load(out / RESUME_FILE, weights_only=True)
     for key in ("init", "init_file", "body_lr_scale"):  # as an older vitcourse wrote it
         del state["config"][key]
+    for key in ("stem", "lsa"):
+        del state["config"]["vit"][key]
     torch.save(state, out / RESUME_FILE)
     assert train(cfg, out, progress=False) == rows  # finished: returns its rows, no ConfigMismatch
 

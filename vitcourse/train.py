@@ -236,6 +236,15 @@ CONFIGS: dict[str, TrainConfig] = {
 _RESUMABLE_FIELDS = ("max_steps", "num_workers", "checkpoint_every", "data_root", "eval_batch_size")
 # Fields added after runs were cached: left out of fingerprint() at these defaults, so those runs keep their folders.
 _LATER_FIELDS = {"init": None, "init_file": None, "body_lr_scale": 1.0}
+_LATER_VIT_FIELDS = {"stem": "patch", "lsa": False}  # the same, inside the ViT's config
+
+
+def _with_later_defaults(config: dict) -> dict:
+    """A stored config dict with the fields added since it was written filled in with their defaults."""
+    config = {**_LATER_FIELDS, **config}
+    if isinstance(config.get("vit"), dict):
+        config["vit"] = {**_LATER_VIT_FIELDS, **config["vit"]}
+    return config
 
 
 class ConfigMismatch(ValueError):
@@ -831,7 +840,7 @@ def _check_same_run(checkpoint: dict, cfg: TrainConfig, source: str, world: int,
     :data:`_RESUMABLE_FIELDS`), same data actually loaded (``cifar10`` may have fallen back to
     ``synthetic``) and the same number of processes (each one's random state is in the checkpoint)."""
     ours = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
-    written = {**_LATER_FIELDS, **checkpoint["config"]}  # a run from before a field existed had its default
+    written = _with_later_defaults(checkpoint["config"])  # a run from before a field existed had its default
     theirs = {k: v for k, v in written.items() if k not in _RESUMABLE_FIELDS}
     ours.update({"data source": source, "processes": world})
     theirs.update({"data source": checkpoint["source"], "processes": len(checkpoint["rng"])})
@@ -854,6 +863,8 @@ def fingerprint(cfg: TrainConfig) -> str:
 
     values = {k: v for k, v in cfg.to_dict().items()
               if k not in _RESUMABLE_FIELDS and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
+    if isinstance(values.get("vit"), dict):
+        values["vit"] = {k: v for k, v in values["vit"].items() if _LATER_VIT_FIELDS.get(k, object()) != v}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
