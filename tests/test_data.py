@@ -485,3 +485,16 @@ def test_files_checked_by_another_process_are_used_without_opening_them(tmp_path
     monkeypatch.setattr(data_module, "_check_image", lambda f: pytest.fail(f"{f} was opened again"))
     again = load_data(str(root), image_size=8, verified=files)
     assert again.split_record() == first.split_record()
+
+
+def test_an_edited_stand_in_generator_never_reads_the_old_cache(monkeypatch):
+    from vitcourse import data as data_module
+
+    before = data_module._generator_digest()
+    assert before == data_module._generator_digest()  # stable for the same code
+
+    def _draw(labels, rng, s):  # an edited generator: blank images
+        return np.zeros((len(labels), s, s, 3), dtype=np.uint8)
+
+    monkeypatch.setattr(data_module, "_draw", _draw)
+    assert data_module._generator_digest() != before

@@ -301,7 +301,7 @@ def make_synthetic(n: int, *, seed: int, image_size: int = 32, num_classes: int 
     horizontal / vertical / diagonal stripes, a checkerboard or a grid of dots, at a random
     position and scale (square, triangle and plus also rotated), sometimes cut by the border.
     Every colour is random, so colour says nothing about the class. To make the task hard
-    enough that models differ, the object sits on a shaded background with up to two smaller
+    enough that models differ, the object sits on a shaded background with up to three smaller
     clutter objects of any kind; some objects fade from one colour to another, some are partly
     covered by a rectangle, and every image gets pixel noise of a random level.
 
@@ -328,9 +328,9 @@ def make_synthetic(n: int, *, seed: int, image_size: int = 32, num_classes: int 
 def _draw(labels: np.ndarray, rng: np.random.Generator, s: int) -> np.ndarray:
     """Render one chunk of synthetic images: ``(b,)`` labels -> uint8 ``(b, s, s, 3)``.
 
-    Layers, back to front: a dark two-colour gradient background; up to two small clutter objects of
+    Layers, back to front: a darkish two-colour gradient background; up to three small clutter objects of
     any kind; the labelled object (random scale, position, bright colour, sometimes a colour gradient,
-    and a rotation for the kinds a rotation keeps); in 30% of images an occluding rectangle; noise.
+    and a rotation for the kinds a rotation keeps); in 40% of images an occluding rectangle; noise.
     """
     b = len(labels)
     f32 = np.float32
@@ -360,32 +360,32 @@ def _draw(labels: np.ndarray, rng: np.random.Generator, s: int) -> np.ndarray:
 
     theta = rng.uniform(0, 2 * np.pi, b).astype(f32)[:, None, None]
     ramp = np.clip(((yy - s / 2) * np.sin(theta) + (xx - s / 2) * np.cos(theta)) / s + 0.5, 0, 1)[..., None]
-    first = colours(0.0, 0.45)  # dark backgrounds, as before, but shaded
-    image = first + (colours(0.0, 0.45) - first) * ramp  # (b, s, s, 3)
+    first = colours(0.0, 0.6)  # darkish backgrounds, shaded
+    image = first + (colours(0.0, 0.6) - first) * ramp  # (b, s, s, 3)
 
-    for _ in range(2):  # clutter: small objects of random kinds, each present with probability 0.5
+    for _ in range(3):  # clutter: small objects of random kinds, each present with probability 0.6
         kinds = rng.integers(0, len(SYNTHETIC_CLASSES), b)
-        mask, *_ = objects(kinds, 0.06, 0.11, 0.5, 0.5, rng.uniform(-0.5, 0.5, b).astype(f32))
-        mask &= (rng.random(b) < 0.5)[:, None, None]
-        image = np.where(mask[..., None], colours(0.3, 1.0), image)
+        mask, *_ = objects(kinds, 0.07, 0.13, 0.5, 0.6, rng.uniform(-0.5, 0.5, b).astype(f32))
+        mask &= (rng.random(b) < 0.6)[:, None, None]
+        image = np.where(mask[..., None], colours(0.2, 1.0), image)
 
     rotatable = np.isin(labels, (1, 2, 3))  # square, triangle, plus; stripes keep their direction
     tilt = np.where(rotatable, rng.uniform(-0.6, 0.6, b), rng.uniform(-0.15, 0.15, b)).astype(f32)
-    mask, radius, cy, cx, dx = objects(labels, 0.25, 0.42, 0.85, 1.0, tilt)
-    near, far = colours(0.5, 1.0), colours(0.5, 1.0)  # brighter than most backgrounds, not all
+    mask, radius, cy, cx, dx = objects(labels, 0.2, 0.4, 0.8, 1.0, tilt)
+    near, far = colours(0.35, 1.0), colours(0.35, 1.0)  # brighter than most backgrounds, not all
     across = np.clip(dx / (2 * radius[:, None, None]) + 0.5, 0, 1)[..., None]  # 0 -> 1 across the object
-    graded = (rng.random(b) < 0.3)[:, None, None, None]  # half the objects fade from one colour to another
+    graded = (rng.random(b) < 0.4)[:, None, None, None]  # half the objects fade from one colour to another
     paint = np.where(graded, near + (far - near) * across, near)
     image = np.where(mask[..., None], paint, image)
 
-    r = radius[:, None, None]  # occluder: a rectangle over part of the object, in 30% of images
+    r = radius[:, None, None]  # occluder: a rectangle over part of the object, in 40% of images
     oy = cy[:, None, None] + rng.uniform(-0.7, 0.7, (b, 1, 1)).astype(f32) * r
     ox = cx[:, None, None] + rng.uniform(-0.7, 0.7, (b, 1, 1)).astype(f32) * r
-    half_h, half_w = (rng.uniform(0.15, 0.3, (2, b, 1, 1)).astype(f32) * r)
-    occluded = (np.abs(yy - oy) <= half_h) & (np.abs(xx - ox) <= half_w) & (rng.random(b) < 0.3)[:, None, None]
+    half_h, half_w = (rng.uniform(0.2, 0.35, (2, b, 1, 1)).astype(f32) * r)
+    occluded = (np.abs(yy - oy) <= half_h) & (np.abs(xx - ox) <= half_w) & (rng.random(b) < 0.4)[:, None, None]
     image = np.where(occluded[..., None], colours(0.0, 0.6), image)
 
-    noise = rng.standard_normal((b, s, s, 3), dtype=f32) * rng.uniform(0.02, 0.07, (b, 1, 1, 1)).astype(f32)
+    noise = rng.standard_normal((b, s, s, 3), dtype=f32) * rng.uniform(0.03, 0.09, (b, 1, 1, 1)).astype(f32)
     return (np.clip(image + noise, 0, 1) * 255).round().astype(np.uint8)
 
 
@@ -419,13 +419,21 @@ def _shape_mask(kind: int, dy, dx, r, p, ph, flip) -> np.ndarray:
     return box & (np.hypot((dy + ph) % p - p / 2, (dx + ph) % p - p / 2) <= 0.22 * p)
 
 
-SYNTHETIC_VERSION = 3  # bump when make_synthetic changes, so stale caches are not used
+SYNTHETIC_VERSION = 3  # the stand-in's edition, named on the pages that use it
+
+
+def _generator_digest() -> str:
+    """A short hash of the code that draws the stand-in: an edited generator never reads an old cache."""
+    import inspect
+
+    code = "".join(inspect.getsource(f) for f in (make_synthetic, _draw, _shape_mask))
+    return hashlib.sha256(f"{code}{SYNTHETIC_TRAIN}{SYNTHETIC_TEST}".encode()).hexdigest()[:10]
 
 
 @functools.lru_cache(maxsize=2)
 def _synthetic_arrays(image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The fixed synthetic train pool and test set, cached in memory and in :func:`data_root` on disk."""
-    path = data_root() / f"synthetic-v{SYNTHETIC_VERSION}-{image_size}px.npz"
+    path = data_root() / f"synthetic-v{SYNTHETIC_VERSION}-{_generator_digest()}-{image_size}px.npz"
     with data_lock(path.parent, "synthetic"):  # processes sharing the cache generate it once
         return _synthetic_arrays_unlocked(path, image_size)
 
