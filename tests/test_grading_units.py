@@ -182,7 +182,8 @@ def test_grader_version_covers_the_package_the_hidden_checks_and_the_salt(tmp_pa
 
 def test_stored_results_are_checked_before_a_rerun_trusts_them(tmp_path):
     points = {ex.id: ex.points for ex in load_chapter("ch01").exercises}
-    good = StudentResult("ada", "ada-1", "0" * 64, "ch01", "v", True, scores={"1.1": 2.0, "1.2": 0.0, "1.3": 0.0},
+    scores = {ex_id: 2.0 if ex_id == "1.1" else 0.0 for ex_id in points}
+    good = StudentResult("ada", "ada-1", "0" * 64, "ch01", "v", True, scores=scores,
                          maximum=points, checks=[CheckResult("1.1", "d", False, 2.0, 2.0)])
     path = tmp_path / "ada.json"
     path.write_text(json.dumps(good.to_json()))
@@ -277,5 +278,118 @@ def test_the_built_wheel_holds_no_hidden_check(tmp_path):
 def test_exercise_time_budget_comes_from_the_chapter_unless_given():
     jax_chapter, torch_chapter = load_chapter("ch07"), load_chapter("ch01")
     assert jax_chapter.exercise_seconds > torch_chapter.exercise_seconds  # JAX checks compile first
-    assert Limits().cap(torch_chapter) == 20 + 30 + 3 * torch_chapter.exercise_seconds
+    assert Limits().cap(torch_chapter) == 20 + 30 + len(torch_chapter.exercises) * torch_chapter.exercise_seconds
     assert Limits(exercise_seconds=4).cap(jax_chapter) == 20 + 30 + 4 * len(jax_chapter.exercises)
+
+
+def _failed_checks(chapter: str, exercise_id: str, namespace: dict) -> tuple[list[str], list[str]]:
+    """The public and the hidden checks of one exercise that ``namespace``'s answers fail (no sandbox)."""
+    from vitcourse.grading.runtime import evaluate, seed_all, to_plain
+    from vitcourse.grading.spec import load_hidden
+
+    exercise = load_chapter(chapter).exercise(exercise_id)
+    failed: tuple[list[str], list[str]] = ([], [])
+    for hidden, checks in enumerate((exercise.public, load_hidden(chapter, hidden_folder()).get(exercise_id, []))):
+        for index, chk in enumerate(checks):
+            case = chk.build(seed_for(chapter, exercise_id, index, hidden=bool(hidden)))
+            seed_all(0)
+            try:
+                message = case.compare(to_plain(evaluate(case.task, namespace)), case.expected)
+            except Exception as err:  # noqa: BLE001 - a crash fails the check, as in the grader
+                message = f"{type(err).__name__}: {err}"
+            if message is not None:
+                failed[hidden].append(chk.description)
+    return failed
+
+
+def _replace(source: str, old: str, new: str) -> str:
+    assert old in source, old
+    return source.replace(old, new)
+
+
+def _variant(chapter: str, name: str, *edits: tuple[str, str]) -> dict:
+    """The solution namespace with the answer ``name`` redefined from its solution source after ``edits``."""
+    namespace = _solution_namespace(chapter)
+    nb = json.loads((NOTEBOOKS / "solutions" / f"{chapter}_exercises.ipynb").read_text())
+    source = next("".join(c["source"]) for c in nb["cells"]
+                  if c["cell_type"] == "code" and re.search(rf"^(def|class) {name}\b", "".join(c["source"]), re.M))
+    for old, new in edits:
+        source = _replace(source, old, new)
+    exec(source, namespace)  # noqa: S102 - the course's own solution code, edited
+    return namespace
+
+
+# Exercises whose answers the chapters do not print: (chapter, id, answer, [(half-right edits, what fails)]).
+# "public": a public check already catches the mistake; "hidden": only a hidden check does.
+THINKING = [
+    ("ch01", "1.4", "attention_backward", [
+        ([("(dweights - (dweights * weights).sum(dim=-1, keepdim=True))", "dweights")], "public"),  # diag(w) only
+        ([("dq = dscores @ k * scale", "dq = dscores @ k")], "public"),  # the 1/sqrt(d_k) forgotten in dq
+        ([("transpose(-2, -1)", "transpose(1, 2)")], "hidden"),  # right for 3-d inputs only
+    ]),
+    ("ch02", "2.4", "image_to_overlapping_patches", [
+        ([("permute(0, 2, 3, 4, 5, 1)", "permute(0, 2, 3, 1, 4, 5)")], "public"),  # (channel, row, column)
+        ([("images.unfold(2, p, stride).unfold(3, p, stride)",  # as many rows as columns: square images only
+           "images.unfold(2, p, stride).unfold(3, p, stride)[:, :, :(images.shape[3] - p) // stride + 1]")],
+         "hidden"),
+    ]),
+    ("ch03", "3.4", "LayerScaleBlock", [
+        ([("x = x + self.ls1(self.attn(self.norm1(x)))", "x = x + self.ls2(self.attn(self.norm1(x)))"),
+          ("return x + self.ls2(self.mlp", "return x + self.ls1(self.mlp")], "public"),  # gammas swapped
+        ([("torch.full((dim,), float(init_values))", "torch.ones(dim)")], "hidden"),  # init_values ignored
+    ]),
+    ("ch04", "4.4", "MeanPoolViT", [
+        ([("self.head(self.norm(x).mean(dim=1))", "self.head(self.norm(x.mean(dim=1)))")], "public"),  # timm's order
+        ([("PatchEmbed(image_size, patch_size, in_channels, dim)", "PatchEmbed(image_size, patch_size, 3, dim)")],
+         "hidden"),  # RGB only
+    ]),
+]
+
+
+@pytest.mark.parametrize(("chapter", "exercise_id", "name", "mistakes"), THINKING, ids=[t[1] for t in THINKING])
+def test_new_exercises_pass_on_solutions_and_catch_half_right_answers(chapter, exercise_id, name, mistakes):
+    assert _failed_checks(chapter, exercise_id, _solution_namespace(chapter)) == ([], [])
+    for edits, caught_by in mistakes:
+        public, hidden = _failed_checks(chapter, exercise_id, _variant(chapter, name, *edits))
+        if caught_by == "public":
+            assert public, (exercise_id, edits)
+        else:  # the public checks pass, so only the hidden ones stand between this answer and full marks
+            assert not public and hidden, (exercise_id, edits, public, hidden)
+
+
+def test_hand_written_gradients_may_not_call_autograd():
+    chapter = load_chapter("ch01")
+    source = {
+        1: "import torch\nfrom torch.autograd import grad as g",
+        2: "def attention_backward(q, k, v, grad_out):\n    q.requires_grad_()\n"
+           "    out, _ = attention(q, k, v)\n    (out * grad_out).sum().backward()\n    return q.grad, g(out, k), None",
+    }
+    nb = Notebook(cells=[Cell(i, "code", text) for i, text in source.items()])
+    statements, _ = select_statements(nb, {"attention_backward"})
+    forbidden, _ = rule_findings(statements, chapter.exercises)
+    assert set(forbidden) == {"1.4"}
+    found = " ".join(forbidden["1.4"])
+    assert ".backward" in found and "q.grad" in found and "torch.autograd.grad" in found
+
+
+def test_overlapping_patches_may_not_call_unfold_but_may_use_the_tensor_method():
+    chapter = load_chapter("ch02")
+    source = {
+        1: "import torch\nimport torch.nn.functional as F",
+        2: "def image_to_overlapping_patches(images, patch_size, stride):\n"
+           "    return F.unfold(images, patch_size, stride=stride).mT",
+        3: "def image_to_patches(images, patch_size):\n    return images.unfold(2, patch_size, patch_size)",
+    }
+    nb = Notebook(cells=[Cell(i, "code", text) for i, text in source.items()])
+    statements, _ = select_statements(nb, {"image_to_overlapping_patches", "image_to_patches"})
+    forbidden, _ = rule_findings(statements, chapter.exercises)
+    assert set(forbidden) == {"2.4"} and "torch.nn.functional.unfold" in forbidden["2.4"][0]
+
+
+def test_overlapping_patches_reference_agrees_with_the_course_when_they_do_not_overlap():
+    from vitcourse.grading.exercises.ch02 import overlapping_case
+    from vitcourse.patches import image_to_patches
+
+    case = overlapping_case(2, 3, 12, 8, 4, 4)(np.random.default_rng(0))
+    images = torch.from_numpy(case.task["args"][0]["$arr"])
+    torch.testing.assert_close(torch.from_numpy(case.expected), image_to_patches(images, 4))

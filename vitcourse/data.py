@@ -297,10 +297,13 @@ def _in_memory(images: np.ndarray, labels: Sequence[int], transform: Callable) -
 def make_synthetic(n: int, *, seed: int, image_size: int = 32, num_classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """A deterministic, offline 10-class image dataset of shapes and textures.
 
-    Each image is a random dark background colour with one object in a random, brighter colour:
-    a disk, a square, a triangle, a plus, a ring, horizontal / vertical / diagonal stripes, a
-    checkerboard or a grid of dots, at a random position and size, plus pixel noise. Colours
-    are independent of the class, so a model has to look at shape and texture, not mean colour.
+    Each image's label names its largest object: a disk, a square, a triangle, a plus, a ring,
+    horizontal / vertical / diagonal stripes, a checkerboard or a grid of dots, at a random
+    position and scale (square, triangle and plus also rotated), sometimes cut by the border.
+    Every colour is random, so colour says nothing about the class. To make the task hard
+    enough that models differ, the object sits on a shaded background with up to two smaller
+    clutter objects of any kind; some objects fade from one colour to another, some are partly
+    covered by a rectangle, and every image gets pixel noise of a random level.
 
     Args:
         n: number of images.
@@ -323,30 +326,67 @@ def make_synthetic(n: int, *, seed: int, image_size: int = 32, num_classes: int 
 
 
 def _draw(labels: np.ndarray, rng: np.random.Generator, s: int) -> np.ndarray:
-    """Render one chunk of synthetic images: ``(b,)`` labels -> uint8 ``(b, s, s, 3)``."""
+    """Render one chunk of synthetic images: ``(b,)`` labels -> uint8 ``(b, s, s, 3)``.
+
+    Layers, back to front: a dark two-colour gradient background; up to two small clutter objects of
+    any kind; the labelled object (random scale, position, bright colour, sometimes a colour gradient,
+    and a rotation for the kinds a rotation keeps); in 30% of images an occluding rectangle; noise.
+    """
     b = len(labels)
     f32 = np.float32
     yy, xx = np.mgrid[0:s, 0:s].astype(f32)  # (s, s) pixel coordinates
-    radius = rng.uniform(0.22, 0.38, b).astype(f32) * s  # object half-size in pixels
-    cy = rng.uniform(0, 1, b).astype(f32) * (s - 2 * radius) + radius  # the centre keeps it inside
-    cx = rng.uniform(0, 1, b).astype(f32) * (s - 2 * radius) + radius
-    period = rng.uniform(0.18, 0.3, b).astype(f32) * s  # stripe / checker / dot spacing
-    phase = rng.uniform(0, 1, b).astype(f32) * period
-    flip = rng.integers(0, 2, b).astype(f32) * 2 - 1  # direction of the diagonal stripes
-    background = rng.uniform(0.0, 0.45, (b, 1, 1, 3)).astype(f32)  # darker than any object
-    foreground = rng.uniform(0.55, 1.0, (b, 1, 1, 3)).astype(f32)
-    noise = rng.standard_normal((b, s, s, 3), dtype=f32) * 0.05
 
-    mask = np.zeros((b, s, s), dtype=bool)
-    for kind in range(len(SYNTHETIC_CLASSES)):
-        i = np.flatnonzero(labels == kind)
-        if len(i):
-            r, p, ph = radius[i, None, None], period[i, None, None], phase[i, None, None]
-            dy, dx = yy - cy[i, None, None], xx - cx[i, None, None]  # (k, s, s) offsets from the centre
-            mask[i] = _shape_mask(kind, dy, dx, r, p, ph, flip[i, None, None])
+    def colours(lo: float = 0.0, hi: float = 1.0) -> np.ndarray:  # (b, 1, 1, 3); colour says nothing of the class
+        return rng.uniform(lo, hi, (b, 1, 1, 3)).astype(f32)
 
-    image = np.where(mask[..., None], foreground, background) + noise  # (b, s, s, 3)
-    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+    def objects(kinds, lo, hi, inside, period_scale, tilt):
+        """Masks (b, s, s) of objects of ``kinds`` with half-size in [lo, hi] * s, and their geometry."""
+        radius = rng.uniform(lo, hi, b).astype(f32) * s
+        margin = radius * inside  # inside < 1 lets an object reach past the border
+        cy = rng.uniform(0, 1, b).astype(f32) * (s - 2 * margin) + margin
+        cx = rng.uniform(0, 1, b).astype(f32) * (s - 2 * margin) + margin
+        period = rng.uniform(0.16, 0.3, b).astype(f32) * s * period_scale  # stripe / checker / dot spacing
+        phase = rng.uniform(0, 1, b).astype(f32) * period
+        flip = rng.integers(0, 2, b).astype(f32) * 2 - 1  # direction of the diagonal stripes
+        cos, sin = np.cos(tilt)[:, None, None], np.sin(tilt)[:, None, None]
+        dy0, dx0 = yy - cy[:, None, None], xx - cx[:, None, None]  # (b, s, s) offsets from the centre
+        dy, dx = cos * dy0 - sin * dx0, sin * dy0 + cos * dx0  # rotated by tilt
+        mask = np.zeros((b, s, s), dtype=bool)
+        for kind in np.unique(kinds):
+            i = np.flatnonzero(kinds == kind)
+            g = (radius[i, None, None], period[i, None, None], phase[i, None, None], flip[i, None, None])
+            mask[i] = _shape_mask(int(kind), dy[i], dx[i], *g)
+        return mask, radius, cy, cx, dx
+
+    theta = rng.uniform(0, 2 * np.pi, b).astype(f32)[:, None, None]
+    ramp = np.clip(((yy - s / 2) * np.sin(theta) + (xx - s / 2) * np.cos(theta)) / s + 0.5, 0, 1)[..., None]
+    first = colours(0.0, 0.45)  # dark backgrounds, as before, but shaded
+    image = first + (colours(0.0, 0.45) - first) * ramp  # (b, s, s, 3)
+
+    for _ in range(2):  # clutter: small objects of random kinds, each present with probability 0.5
+        kinds = rng.integers(0, len(SYNTHETIC_CLASSES), b)
+        mask, *_ = objects(kinds, 0.06, 0.11, 0.5, 0.5, rng.uniform(-0.5, 0.5, b).astype(f32))
+        mask &= (rng.random(b) < 0.5)[:, None, None]
+        image = np.where(mask[..., None], colours(0.3, 1.0), image)
+
+    rotatable = np.isin(labels, (1, 2, 3))  # square, triangle, plus; stripes keep their direction
+    tilt = np.where(rotatable, rng.uniform(-0.6, 0.6, b), rng.uniform(-0.15, 0.15, b)).astype(f32)
+    mask, radius, cy, cx, dx = objects(labels, 0.25, 0.42, 0.85, 1.0, tilt)
+    near, far = colours(0.5, 1.0), colours(0.5, 1.0)  # brighter than most backgrounds, not all
+    across = np.clip(dx / (2 * radius[:, None, None]) + 0.5, 0, 1)[..., None]  # 0 -> 1 across the object
+    graded = (rng.random(b) < 0.3)[:, None, None, None]  # half the objects fade from one colour to another
+    paint = np.where(graded, near + (far - near) * across, near)
+    image = np.where(mask[..., None], paint, image)
+
+    r = radius[:, None, None]  # occluder: a rectangle over part of the object, in 30% of images
+    oy = cy[:, None, None] + rng.uniform(-0.7, 0.7, (b, 1, 1)).astype(f32) * r
+    ox = cx[:, None, None] + rng.uniform(-0.7, 0.7, (b, 1, 1)).astype(f32) * r
+    half_h, half_w = (rng.uniform(0.15, 0.3, (2, b, 1, 1)).astype(f32) * r)
+    occluded = (np.abs(yy - oy) <= half_h) & (np.abs(xx - ox) <= half_w) & (rng.random(b) < 0.3)[:, None, None]
+    image = np.where(occluded[..., None], colours(0.0, 0.6), image)
+
+    noise = rng.standard_normal((b, s, s, 3), dtype=f32) * rng.uniform(0.02, 0.07, (b, 1, 1, 1)).astype(f32)
+    return (np.clip(image + noise, 0, 1) * 255).round().astype(np.uint8)
 
 
 def _shape_mask(kind: int, dy, dx, r, p, ph, flip) -> np.ndarray:
@@ -379,7 +419,7 @@ def _shape_mask(kind: int, dy, dx, r, p, ph, flip) -> np.ndarray:
     return box & (np.hypot((dy + ph) % p - p / 2, (dx + ph) % p - p / 2) <= 0.22 * p)
 
 
-SYNTHETIC_VERSION = 2  # bump when make_synthetic changes, so stale caches are not used
+SYNTHETIC_VERSION = 3  # bump when make_synthetic changes, so stale caches are not used
 
 
 @functools.lru_cache(maxsize=2)

@@ -12,7 +12,10 @@ The pieces chapter 8 uses, each small enough to read in one sitting:
 * :func:`freeze_all_but_head` and :func:`param_groups` - a linear probe, and fine-tuning with a
   lower learning rate for the body than for the head;
 * :func:`make_photo_folder` and :func:`fit` - an offline image folder made of random crops of
-  scikit-image's photographs, and a short training loop that records its history.
+  scikit-image's photographs, and a short training loop that records its history;
+* :func:`with_init`, :func:`init_from_timm` and :func:`renormalize` - what ``vitcourse train
+  --init timm:NAME`` does: a run's config with the checkpoint's architecture, its weights in the
+  run's model, and the data normalised with the checkpoint's statistics.
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ __all__ = [
     "param_groups",
     "make_photo_folder",
     "fit",
+    "INIT_PREFIX",
+    "init_name",
+    "with_init",
+    "init_from_timm",
+    "init_statistics",
+    "renormalize",
 ]
 
 DEFAULT_CHECKPOINT = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -117,7 +126,8 @@ def load_timm(name: str = DEFAULT_CHECKPOINT, file: str | os.PathLike | None = N
             model = timm.create_model(name, pretrained=True, **overlay)
             return TimmCheckpoint(model.eval(), pretrained=True)
         except Exception as err:  # noqa: BLE001 - any failure to get weights leads to the same fallback
-            reason = f"loading the weights failed ({type(err).__name__})"
+            detail = " ".join(str(err).split())[:160]
+            reason = f"loading the weights failed ({type(err).__name__}{': ' + detail if detail else ''})"
     if not fallback:
         raise RuntimeError(f"no pretrained weights for {name}: {reason}.")
     torch.manual_seed(seed)
@@ -345,3 +355,170 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, train: tuple[Tensor,
                             "val_acc": float((logits.argmax(-1) == val[1]).float().mean())})
             losses = []
     return history
+
+
+# --------------------------------------------------------------------------- vitcourse train --init timm:NAME
+
+INIT_PREFIX = "timm:"
+"""How ``--init`` names a timm checkpoint: ``timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k``."""
+
+
+def init_name(init: str) -> str:
+    """The timm model name in an ``--init`` value ``"timm:NAME"``; :class:`ValueError` (one sentence) otherwise.
+
+    The name must be one timm knows (with or without its pretrained tag after a dot); nothing
+    is downloaded to check it.
+    """
+    import timm
+
+    if not isinstance(init, str) or not init.startswith(INIT_PREFIX) or not init[len(INIT_PREFIX):].strip():
+        raise ValueError(f"--init {init!r} is not of the form timm:NAME; pass e.g. --init timm:{DEFAULT_CHECKPOINT}.")
+    name = init[len(INIT_PREFIX):].strip()
+    if not timm.is_model(name):
+        raise ValueError(f"--init {init}: timm has no model named {name!r}; pass a timm ViT such as "
+                         f"timm:{DEFAULT_CHECKPOINT} (timm.list_models('vit_*') lists them).")
+    return name
+
+
+def _architecture(name: str) -> ViTConfig:
+    """The :class:`ViTConfig` of timm model ``name`` (its own image size and classes).
+
+    Built with random weights (nothing is downloaded). :class:`ValueError` if vitcourse cannot
+    reproduce the model (see :func:`vitcourse.timm_compat.check_timm_model`).
+    """
+    import timm
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from .timm_compat import check_timm_model
+
+    with torch.random.fork_rng(devices=[]):  # building the model draws random weights: leave the caller's state
+        model = timm.create_model(name, pretrained=False)
+    if type(model) is not TimmViT:
+        raise ValueError(f"--init timm:{name} is a {type(model).__name__}, not a ViT the course builds; pass a "
+                         f"timm ViT such as timm:{DEFAULT_CHECKPOINT}.")
+    try:
+        config = config_from_timm(model)
+        check_timm_model(model, config)
+    except ValueError as err:
+        raise ValueError(f"--init timm:{name} cannot be rebuilt by vitcourse: {str(err).rstrip('.')}.") from None
+    return config
+
+
+def with_init(cfg, init: str, file: str | os.PathLike | None = None, image_size: int | None = None):
+    """``cfg`` (a :class:`vitcourse.train.TrainConfig`) set up to start from the timm checkpoint ``init``.
+
+    The model becomes the checkpoint's architecture (``cfg.vit`` is replaced by the ViT read off
+    the timm model, dropout and drop path 0) at the run's own image size (``image_size`` if
+    given, else ``cfg.image_size``), not the checkpoint's: the patch size stays and the learned
+    position grid is resized bicubically when the run starts (:func:`init_from_timm`). ``file``
+    is an optional local checkpoint file in a format timm loads, used instead of a download.
+
+    Raises:
+        ValueError: ``init`` is malformed or unknown to timm, timm's model is not a ViT vitcourse
+            reproduces, or ``cfg.image_size`` is not a multiple of the checkpoint's patch size.
+    """
+    name = init_name(init)
+    config = _architecture(name)
+    size = cfg.image_size if image_size is None else image_size
+    if size % config.patch_size:
+        raise ValueError(f"--init timm:{name} has {config.patch_size}-pixel patches, which do not tile "
+                         f"{size}-pixel images; pass --image-size with a multiple of {config.patch_size}.")
+    vit = replace(config, image_size=size, num_classes=cfg.vit.num_classes)
+    return cfg.replace(model="vit", image_size=size, vit=vit, init=f"{INIT_PREFIX}{name}",
+                       init_file=None if file is None else str(file))
+
+
+def init_from_timm(model: VisionTransformer, cfg) -> str:
+    """Copy the pretrained weights named by ``cfg.init`` (from ``cfg.init_file`` if set) into ``model``.
+
+    The checkpoint is loaded with :func:`load_timm` (no random fallback), converted with
+    :func:`vitcourse.timm_compat.from_timm` and :func:`adapt` ed to ``model``'s image size (bicubic
+    position grid) and number of classes (a new zero-initialised head). Every other weight is the
+    checkpoint's, bit for bit.
+
+    Returns:
+        One line for the run's log saying what was loaded.
+
+    Raises:
+        ValueError: the weights cannot be had (offline, hub unreachable, unreadable file) or do not
+            fit ``model`` (then ``cfg`` was not made by :func:`with_init`); one sentence.
+    """
+    from .timm_compat import from_timm
+
+    name = init_name(cfg.init)
+    try:
+        checkpoint = load_timm(name, file=cfg.init_file, fallback=False)
+    except RuntimeError as err:
+        advice = (f"check that {cfg.init_file} is a checkpoint file of {name}" if cfg.init_file else
+                  "connect to the internet, or pass a local checkpoint file with --init-file PATH")
+        raise ValueError(f"{str(err).rstrip('.')}; {advice}.") from None
+    pretrained_model = from_timm(checkpoint.model, config_from_timm(checkpoint.model))
+    adapted = adapt(pretrained_model, image_size=model.config.image_size, num_classes=model.config.num_classes)
+    ours, theirs = model.config, adapted.config
+    if replace(ours, dropout=0.0, drop_path=0.0) != theirs:
+        raise ValueError(f"the run's ViT ({ours.dim} wide, {ours.depth} blocks, {ours.heads} heads, patch "
+                         f"{ours.patch_size}) is not the architecture of {cfg.init}; build the run's config with "
+                         f"vitcourse.pretrained.with_init.")
+    model.load_state_dict(adapted.state_dict(), strict=True)
+    source = cfg.init_file or "the Hugging Face hub"
+    old_side = pretrained_model.config.image_size // ours.patch_size
+    return (f"init: {cfg.init} from {source}; position grid {old_side}x{old_side} -> "
+            f"{ours.image_size // ours.patch_size}x{ours.image_size // ours.patch_size} (bicubic), "
+            f"new zero head with {ours.num_classes} classes")
+
+
+def init_statistics(init: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel ``(mean, std)`` the checkpoint ``init`` (``"timm:NAME"``) was trained with.
+
+    Read from timm's ``pretrained_cfg`` for the name (its default tag if the name has none);
+    nothing is downloaded.
+    """
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(init_name(init))
+    return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
+class _Renormalized(torch.utils.data.Dataset):
+    """``dataset``'s images ``x`` (normalised with ``mean, std``) as ``(x * std + mean - new_mean) / new_std``.
+
+    Keys pass through unchanged, so the ``(index, seed)`` keys of exact resume keep working.
+    """
+
+    def __init__(self, dataset, mean, std, new_mean, new_std) -> None:
+        self.dataset = dataset
+        old_mean, old_std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
+        new_mean_t, new_std_t = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (new_mean, new_std))
+        self.scale = old_std / new_std_t  # (C, 1, 1)
+        self.shift = (old_mean - new_mean_t) / new_std_t  # (C, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        image, label = self.dataset[key]  # (C, H, W)
+        return image * self.scale + self.shift, label
+
+    @property
+    def labels(self) -> Tensor:
+        """The wrapped dataset's labels, ``(len(self),)``."""
+        return self.dataset.labels
+
+
+def renormalize(bundle, mean, std):
+    """``bundle`` (a :class:`vitcourse.data.DataBundle`) with every image normalised with ``mean, std`` instead.
+
+    A pixel value ``u`` in ``[0, 1]`` that the bundle gives as ``(u - m) / s`` becomes
+    ``(u - mean) / std``, so a pretrained checkpoint sees the statistics it was trained with
+    (the split, the augmentation and the data's ``source`` are unchanged; random erasing, which
+    fills with 0 after normalisation, then fills with the data's mean colour). The same bundle
+    if the statistics are already those.
+    """
+    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    if (mean, std) == (tuple(bundle.mean), tuple(bundle.std)):
+        return bundle
+
+    def wrap(dataset):
+        return _Renormalized(dataset, bundle.mean, bundle.std, mean, std)
+
+    return replace(bundle, train=wrap(bundle.train), val=wrap(bundle.val), test=wrap(bundle.test), mean=mean, std=std)

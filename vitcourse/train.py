@@ -111,6 +111,14 @@ class TrainConfig:
     Length: ``epochs`` sets the schedule; ``max_steps`` (optional) stops after that many
     optimizer steps in total without changing the schedule, so a run can be continued later
     with a larger ``max_steps``.
+
+    Pretrained start: ``init`` ``"timm:NAME"`` starts the ViT from that timm checkpoint's weights
+    (from the local file ``init_file`` if set, else downloaded), with the position grid resized
+    bicubically to ``image_size`` and a new zero-initialised head; the images are normalised with
+    the checkpoint's mean and std. ``vit`` must then be the checkpoint's architecture: build such a
+    config with :func:`vitcourse.pretrained.with_init`. A resumed run never reloads these weights.
+    ``body_lr_scale`` multiplies the learning rate of every parameter but the head's (``0.1``:
+    the pretrained body learns ten times slower than the new head).
     """
 
     name: str = "custom"
@@ -146,6 +154,9 @@ class TrainConfig:
     num_workers: int = 0
     eval_batch_size: int = 500
     checkpoint_every: int = 0
+    init: str | None = None
+    init_file: str | None = None
+    body_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -161,6 +172,11 @@ class TrainConfig:
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be at least 1, got {self.max_steps}"),
             (0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.init is None or (self.init.startswith("timm:") and self.model == "vit"),
+             f"init must be 'timm:NAME' for a ViT, got {self.init!r} with model {self.model!r}"),
+            (self.init_file is None or self.init is not None, "init_file needs init ('timm:NAME') to say what it holds"),
+            (math.isfinite(self.body_lr_scale) and self.body_lr_scale >= 0,
+             f"body_lr_scale must be a number >= 0, got {self.body_lr_scale}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -218,6 +234,8 @@ CONFIGS: dict[str, TrainConfig] = {
 
 # Fields that can change between a run and its resumption without changing its results.
 _RESUMABLE_FIELDS = ("max_steps", "num_workers", "checkpoint_every", "data_root", "eval_batch_size")
+# Fields added after runs were cached: left out of fingerprint() at these defaults, so those runs keep their folders.
+_LATER_FIELDS = {"init": None, "init_file": None, "body_lr_scale": 1.0}
 
 
 class ConfigMismatch(ValueError):
@@ -251,19 +269,34 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return VARIANTS[cfg.model](num_classes=num_classes)
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices and kernels only, not on biases, norms, CLS token or positions."""
+def _param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
+                  body_lr_scale: float = 1.0) -> list[dict]:
+    """Weight decay on weight matrices and kernels only, not on biases, norms, CLS token or positions.
+
+    With ``body_lr_scale != 1`` there are four groups, the head's two first (at ``lr``) and then
+    the body's (at ``lr * body_lr_scale``); the head is every parameter named ``head.*``.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         skip = p.ndim <= 1 or name.endswith(("cls_token", "pos_embed"))
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        (no_decay if skip else decay).append((name, p))
+    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
+              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
+    if body_lr_scale == 1.0:
+        return groups
+    split = []
+    for part, rate in (("head", lr), ("body", lr * body_lr_scale)):
+        for group, members in zip(groups, (decay, no_decay)):
+            mine = [p for name, p in members if name.startswith("head.") == (part == "head")]
+            split.append({**group, "params": mine, "lr": rate, "name": part})
+    return split
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    groups = _param_groups(model, cfg.weight_decay)
+    peak = cfg.max_lr if cfg.schedule == "onecycle" else cfg.lr
+    groups = _param_groups(model, cfg.weight_decay, peak, cfg.body_lr_scale)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)  # Adam: weight decay added to the gradient
@@ -272,8 +305,9 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 def _scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epoch: int):
     """A per-step learning-rate schedule over ``total_steps`` optimizer steps."""
     if cfg.schedule == "onecycle":
+        peaks = [cfg.max_lr * (cfg.body_lr_scale if g.get("name") == "body" else 1.0) for g in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.max_lr, total_steps=total_steps, pct_start=cfg.pct_start,
+            optimizer, max_lr=peaks, total_steps=total_steps, pct_start=cfg.pct_start,
             div_factor=10.0,  # start at max_lr / 10, as the Ultimus assignment did (torch's default is 25)
         )
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
@@ -797,7 +831,8 @@ def _check_same_run(checkpoint: dict, cfg: TrainConfig, source: str, world: int,
     :data:`_RESUMABLE_FIELDS`), same data actually loaded (``cifar10`` may have fallen back to
     ``synthetic``) and the same number of processes (each one's random state is in the checkpoint)."""
     ours = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
-    theirs = {k: v for k, v in checkpoint["config"].items() if k not in _RESUMABLE_FIELDS}
+    written = {**_LATER_FIELDS, **checkpoint["config"]}  # a run from before a field existed had its default
+    theirs = {k: v for k, v in written.items() if k not in _RESUMABLE_FIELDS}
     ours.update({"data source": source, "processes": world})
     theirs.update({"data source": checkpoint["source"], "processes": len(checkpoint["rng"])})
     diffs = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
@@ -817,7 +852,8 @@ def fingerprint(cfg: TrainConfig) -> str:
     """
     import hashlib
 
-    values = {k: v for k, v in cfg.to_dict().items() if k not in _RESUMABLE_FIELDS}
+    values = {k: v for k, v in cfg.to_dict().items()
+              if k not in _RESUMABLE_FIELDS and not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -901,6 +937,10 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = _load_data(cfg, ctx, skip_bad_images)
+    if cfg.init is not None:  # a pretrained start sees the statistics its checkpoint was trained with
+        from .pretrained import init_statistics, renormalize
+
+        data = renormalize(data, *init_statistics(cfg.init))
     record = data.split_record()
 
     # ---- an earlier run in `out` must be this run (same config, data, split and processes); it may be finished
@@ -940,7 +980,12 @@ def train(cfg: TrainConfig | str, out_dir: str | os.PathLike | None = None, *, r
 
     # ---- model, optimizer, schedule: identical on every process (same seed)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.num_classes).to(ctx.device)
+    model = build_model(cfg, data.num_classes)
+    if cfg.init is not None and checkpoint is None:  # only a new run: a resumed one has trained weights
+        from .pretrained import init_from_timm
+
+        log(init_from_timm(model, cfg))
+    model.to(ctx.device)
     optimizer = _optimizer(cfg, model)
     scheduler = _scheduler(cfg, optimizer, total_steps, steps_per_epoch)
     use_amp = cfg.amp and ctx.device.type == "cuda"
@@ -1108,6 +1153,9 @@ def epilog(prog: str) -> str:
             f"  {prog} --config quick --out runs/quick\n"
             f"  {prog} --config quick --data my_images --out runs/mine --skip-bad-images\n"
             f"  {prog} --config quick --out runs/quick --resume\n"
+            f"  {prog} --config quick --data my_images --image-size 96 --init timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k "
+            f"--body-lr-scale 0.1 --out runs/ft\n"
+            f"  {prog} ... --init timm:vit_tiny_patch16_224 --init-file vit_tiny.safetensors   (offline: a local file)\n"
             f"Under torchrun the same command trains with DistributedDataParallel.")
 
 
@@ -1122,6 +1170,20 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--lr", type=float, help="peak learning rate (max_lr for one-cycle)")
     p.add_argument("--subset", type=int, help="train on this many images only")
+    p.add_argument("--image-size", type=int, help="side of the square images in pixels (default: the config's, 32; "
+                                                  "CIFAR-10 is 32 only, image folders are resized to it)")
+    p.add_argument("--init", metavar="timm:NAME",
+                   help="start a ViT from this timm checkpoint (e.g. timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k): "
+                        "its architecture and weights, a new zero-initialised head for the data's classes, images "
+                        "normalised with the checkpoint's mean/std. Training runs at the data's resolution "
+                        "(--image-size), not the checkpoint's: the learned position grid is resized bicubically. "
+                        "Downloads the weights unless --init-file is given; --resume never reloads them")
+    p.add_argument("--init-file", metavar="PATH",
+                   help="a local checkpoint file of the --init model (.safetensors, .pth or .npz, as timm loads with "
+                        "pretrained_cfg_overlay=dict(file=PATH)); nothing is downloaded")
+    p.add_argument("--body-lr-scale", type=float,
+                   help="with --init: learning rate of every parameter but the new head, as a multiple of --lr "
+                        "(e.g. 0.1; default 1)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--num-workers", type=int, help="data-loading worker processes")
     p.add_argument("--out", help="output directory (default: runs/<config>)")
@@ -1148,6 +1210,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ("seed", lambda v: v >= 0, "--seed must be 0 or more"),
         ("subset", lambda v: v >= 1, "--subset must be a positive number of images"),
         ("lr", lambda v: math.isfinite(v) and v > 0, "--lr must be a positive number"),
+        ("body_lr_scale", lambda v: math.isfinite(v) and v >= 0, "--body-lr-scale must be a number >= 0"),
+        ("image_size", lambda v: v >= 1, "--image-size must be a positive number of pixels"),
     ]
     for name, ok, message in checks:
         value = getattr(args, name)
@@ -1164,6 +1228,22 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         changes["max_lr" if cfg.schedule == "onecycle" else "lr"] = args.lr
     if args.data is not None:
         changes["allow_synthetic"] = False  # data named explicitly: no silent stand-in
+    if args.image_size is not None:
+        changes["image_size"] = args.image_size
+        if (args.model or cfg.model) == "vit" and args.init is None:
+            changes["vit"] = dataclasses.replace(cfg.vit, image_size=args.image_size)
+    for flag, value in (("--init-file", args.init_file), ("--body-lr-scale", args.body_lr_scale)):
+        if value is not None and args.init is None:
+            raise ValueError(f"{flag} only applies to a pretrained start; add --init timm:NAME or leave out {flag}.")
+    if args.init is not None:
+        if (args.model or cfg.model) != "vit":
+            raise ValueError(f"--init starts a ViT from a timm checkpoint, but --model is {args.model or cfg.model!r}; "
+                             f"leave out --model or pass --model vit.")
+        from .pretrained import with_init
+
+        base = cfg.replace(**{k: v for k, v in changes.items() if k not in ("model", "image_size")})
+        cfg = with_init(base, args.init, args.init_file, image_size=args.image_size)
+        changes = {} if args.body_lr_scale is None else {"body_lr_scale": args.body_lr_scale}
     return cfg.replace(**changes)
 
 
@@ -1183,6 +1263,16 @@ def check_paths(cfg: TrainConfig, out: Path, resume: bool) -> None:
         raise ValueError(f"--data-root {cfg.data_root} is a file, not a folder; pass the folder that holds (or will "
                          f"hold) cifar-10-batches-py.")
     check_out_dir(out, data=folder if folder is not None and folder.is_dir() else None)
+    if cfg.init is not None and not (resume and (out / RESUME_FILE).exists()):  # a new run loads the weights
+        from .data import downloads_allowed
+
+        if cfg.init_file is not None and not Path(cfg.init_file).expanduser().is_file():
+            state = "is a folder" if Path(cfg.init_file).expanduser().is_dir() else "does not exist"
+            raise ValueError(f"--init-file {cfg.init_file} {state}; pass the path of a checkpoint file of "
+                             f"{cfg.init.removeprefix('timm:')} (.safetensors, .pth or .npz).")
+        if cfg.init_file is None and not downloads_allowed():
+            raise ValueError(f"--init {cfg.init} needs the checkpoint's weights, but VITCOURSE_OFFLINE is set so "
+                             f"nothing is downloaded; pass a local checkpoint file with --init-file PATH.")
     if resume and not (out / RESUME_FILE).exists():
         if (out / "last.pt").exists():
             raise ConfigMismatch(f"{out} holds a run of an older vitcourse (last.pt, before safetensors checkpoints) "

@@ -1,9 +1,10 @@
-"""Chapter 1 hidden checks: other shapes, extreme values, masks that broadcast, other head counts."""
+"""Chapter 1 hidden checks: other shapes, extreme values, masks that broadcast, other head counts,
+gradients through saturated and degenerate softmaxes."""
 
 from vitcourse.attention import MultiHeadSelfAttention
 from vitcourse.vit import count_parameters
 
-from vitcourse.grading.exercises.ch01 import attention_case, mhsa_case, softmax_case
+from vitcourse.grading.exercises.ch01 import attention_case, backward_case, mhsa_case, softmax_case
 from vitcourse.grading.runtime import new, num_params
 from vitcourse.grading.spec import Case, Check, exact
 
@@ -25,5 +26,10 @@ HIDDEN = {
         Check("the parameter count for dim 32, 8 heads",
               lambda rng: Case(num_params(new("MultiHeadSelfAttention", 32, 8)),
                                count_parameters(MultiHeadSelfAttention(32, 8)), exact())),
+    ],
+    "1.4": [
+        Check("a (batch, heads) pair of leading dimensions, 3 queries, 7 keys", backward_case((2, 3), 3, 7, 6, 4)),
+        Check("a nearly one-hot softmax (large scores)", backward_case((2,), 5, 5, 4, 4, scale=4.0)),
+        Check("a single key (constant softmax: dq and dk vanish)", backward_case((2,), 4, 1, 8, 3)),
     ],
 }

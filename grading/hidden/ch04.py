@@ -1,8 +1,8 @@
-"""Chapter 4 hidden checks: other depths and sizes, grey images, the standard ViT sizes."""
+"""Chapter 4 hidden checks: other depths and sizes, grey images, the standard ViT sizes, the mean-pool head."""
 
 from vitcourse.vit import ViTConfig
 
-from vitcourse.grading.exercises.ch04 import count_case, tokens_case, vit_case
+from vitcourse.grading.exercises.ch04 import count_case, mean_pool_case, tokens_case, vit_case
 from vitcourse.grading.spec import Check
 
 WIDE = ViTConfig(image_size=64, patch_size=8, in_channels=3, num_classes=100, dim=48, depth=4, heads=4, mlp_dim=96)
@@ -20,5 +20,11 @@ HIDDEN = {
     "4.3": [
         Check("the count of a 64 px, 4-block ViT with 100 classes", count_case(WIDE)),
         Check("the count of a grey 3-block ViT", count_case(GREY)),
+    ],
+    "4.4": [
+        Check("the logits of a 3-block mean-pool ViT on grey images", mean_pool_case(GREY, batch=3)),
+        Check("the parameter names and shapes of a 3-block mean-pool ViT", mean_pool_case(GREY, what="shapes")),
+        Check("the parameter count of a 64 px, 4-block mean-pool ViT with 100 classes",
+              mean_pool_case(WIDE, what="count")),
     ],
 }

@@ -35,7 +35,8 @@ LIMITS = {"setup_seconds": 4.0, "exercise_seconds": 3.0}
 
 def case(name: str, scores, sandbox: bool = False, chapter: str = "ch01", timed: bool = False):
     def register(fn):
-        ids = ["1.1", "1.2", "1.3"] if chapter == "ch01" else ["4.1", "4.2", "4.3"]
+        ids = ["1.1", "1.2", "1.3", "1.4"] if chapter == "ch01" else ["4.1", "4.2", "4.3", "4.4"]
+        assert len(scores) == len(ids), f"{name}: one expected score per exercise {ids}"
         CASES[f"{chapter}/{name}"] = (fn, {**dict(zip(ids, scores)), "needs_sandbox": sandbox, "timed": timed})
         return fn
     return register
@@ -62,12 +63,12 @@ def method_body(nb, marker: str, extra: str) -> None:
     set_src(nb, MHSA, text[:body] + extra.strip("\n") + "\n" + text[body:])
 
 
-@case("missing_cell", (2, 3, 0))
+@case("missing_cell", (2, 3, 0, 4))
 def _(nb):
     nb["cells"] = [c for c in nb["cells"] if c.get("id") != MHSA]
 
 
-@case("duplicated_cells", (2, 3, 4))
+@case("duplicated_cells", (2, 3, 4, 4))
 def _(nb):
     cells = []
     for c in nb["cells"]:
@@ -83,7 +84,7 @@ def _(nb):
     nb["cells"] = cells
 
 
-@case("retyped_cell", (2, 3, 0))
+@case("retyped_cell", (2, 3, 0, 4))
 def _(nb):
     cell(nb, MHSA)["cell_type"] = "markdown"
     cell(nb, MHSA).pop("outputs", None)
@@ -91,20 +92,20 @@ def _(nb):
     cell(nb, "ch01-04")["cell_type"] = "raw"  # a retyped check cell costs nothing
 
 
-@case("syntax_errors", (2, 3, 0))
+@case("syntax_errors", (2, 3, 0, 4))
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nthis is not python (\n")
     set_src(nb, MHSA, src(nb, MHSA).replace("return self.proj(", "return self.proj((", 1))
 
 
-@case("infinite_loop", (0.4, 3, 4))
+@case("infinite_loop", (0.4, 3, 4, 4))
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace(
         "    ### BEGIN SOLUTION", "    while dim != -1:\n        pass\n    ### BEGIN SOLUTION", 1))
 
 
 # forward() fails, so do the output checks of 1.3; its parameter checks pass
-@case("memory_bomb", (2, 3, 1.6))
+@case("memory_bomb", (2, 3, 1.6, 4))
 def _(nb):
     # 1 GiB more each time until the memory limit stops it: quick, so the outcome does not
     # depend on the machine's speed (a bomb that fills memory slowly would hit the time limit)
@@ -112,7 +113,7 @@ def _(nb):
                                "            hoard.append(torch.empty(2**28))")
 
 
-@case("huge_output", (2, 3, 1.6))
+@case("huge_output", (2, 3, 1.6, 4))
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace(
         "    ### BEGIN SOLUTION", "    print('x' * 20_000_000)\n    ### BEGIN SOLUTION", 1))
@@ -120,25 +121,25 @@ def _(nb):
     cell(nb, "ch01-12")["outputs"] = [{"output_type": "stream", "name": "stdout", "text": "y" * 3_000_000}]
 
 
-@case("sys_exit", (2, 3, 0))
+@case("sys_exit", (2, 3, 0, 4))
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nimport sys\nsys.exit(0)\n")
     method_body(nb, "__init__", "        import sys\n        sys.exit(3)")
 
 
-@case("os_exit", (2, 1.8, 4))
+@case("os_exit", (2, 1.8, 4, 4))
 def _(nb):
     set_src(nb, ATTENTION, src(nb, ATTENTION).replace(
         "    ### BEGIN SOLUTION", "    if mask is not None:\n        import os\n        os._exit(0)\n    ### BEGIN SOLUTION", 1))
 
 
-@case("segfault", (2, 3, 0))
+@case("segfault", (2, 3, 0, 4))
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nimport ctypes\n\nclass Boom:\n    ctypes.string_at(0)\n")
     method_body(nb, "__init__", "        import ctypes\n        ctypes.string_at(0)")
 
 
-@case("kills_grader_worker", (2, 1.8, 4))
+@case("kills_grader_worker", (2, 1.8, 4, 4))
 def _(nb):
     # Without a sandbox this kills the worker; in one, the worker is PID 1 of its namespace,
     # which ignores the signal, and the code ends its own process instead.
@@ -149,12 +150,12 @@ def _(nb):
         "    ### BEGIN SOLUTION", 1))
 
 
-@case("fork_bomb", (2, 3, 0))
+@case("fork_bomb", (2, 3, 0, 4))
 def _(nb):
     method_body(nb, "__init__", "        import os\n        while True:\n            os.fork()")
 
 
-@case("disk_search", (0, 3, 4), sandbox=True)
+@case("disk_search", (0, 3, 4, 4), sandbox=True)
 def _(nb):
     set_src(nb, SOFTMAX, '''
 import glob
@@ -196,7 +197,7 @@ def softmax(x, dim=-1):
     set_src(nb, ATTENTION, OWN_ATTENTION)
 
 
-@case("monkeypatch_checker", (0, 3, 4))
+@case("monkeypatch_checker", (0, 3, 4, 4))
 def _(nb):
     set_src(nb, SOFTMAX, '''
 import numpy as np
@@ -223,7 +224,7 @@ def softmax(x, dim=-1):
     set_src(nb, ATTENTION, OWN_ATTENTION)
 
 
-@case("fake_results", (0, 3, 4))
+@case("fake_results", (0, 3, 4, 4))
 def _(nb):
     set_src(nb, SOFTMAX, '''
 import json
@@ -299,14 +300,14 @@ _forge()
 '''
 
 
-@case("forged_messages", (0, 3, 4), sandbox=True)
+@case("forged_messages", (0, 3, 4, 4), sandbox=True)
 def _(nb):
     set_src(nb, SOFTMAX, "def softmax(x, dim=-1):\n    return x  # wrong: the forged messages claim otherwise")
     set_src(nb, ATTENTION, OWN_ATTENTION)
     set_src(nb, MHSA, src(nb, MHSA) + FORGE)
 
 
-@case("leaks_hidden_inputs", (0, 3, 4))
+@case("leaks_hidden_inputs", (0, 3, 4, 4))
 def _(nb):
     # Puts every input its run received (from the worker's frames) into error messages:
     # the feedback must show none of the hidden ones.
@@ -336,7 +337,7 @@ def softmax(x, dim=-1):
     set_src(nb, ATTENTION, OWN_ATTENTION)
 
 
-@case("naive_softmax", (1.6, 3, 4))
+@case("naive_softmax", (1.6, 3, 4, 4))
 def _(nb):
     set_src(nb, SOFTMAX, '''
 def softmax(x, dim=-1):
@@ -345,7 +346,7 @@ def softmax(x, dim=-1):
 ''')
 
 
-@case("training_cell_and_stray_errors", (2, 3, 4))
+@case("training_cell_and_stray_errors", (2, 3, 4, 4))
 def _(nb):
     extra = [
         {"cell_type": "code", "id": "train", "metadata": {}, "outputs": [], "execution_count": None,
@@ -359,28 +360,28 @@ def _(nb):
 SUBMIT = "\n".join(f"_ = {i}" for i in range(3000))
 
 
-@case("surrogate_in_comment", (2, 3, 4))
+@case("surrogate_in_comment", (2, 3, 4, 4))
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n# a lone surrogate: \ud800\n")
 
 
-@case("surrogate_in_error", (0, 3, 4))
+@case("surrogate_in_error", (0, 3, 4, 4))
 def _(nb):
     set_src(nb, SOFTMAX, 'def softmax(x, dim=-1):\n    raise ValueError("\ud800 \udfff")')
     set_src(nb, ATTENTION, OWN_ATTENTION)
 
 
-@case("deep_metadata", (0, 0, 0))
+@case("deep_metadata", (0, 0, 0, 0))
 def _(nb):
     nb["metadata"]["deep"] = "DEEP"  # replaced by 100,000 nested lists when written
 
 
-@case("huge_integer_metadata", (2, 3, 4))
+@case("huge_integer_metadata", (2, 3, 4, 4))
 def _(nb):
     nb["metadata"]["huge"] = "HUGE"  # replaced by a 5,000-digit integer when written
 
 
-@case("nested_records", (2, 3, 4))
+@case("nested_records", (2, 3, 4, 4))
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace("    ### BEGIN SOLUTION", """    import os
     for fd in range(3, 40):  # the pipes: where the runner writes its records
@@ -393,7 +394,7 @@ def _(nb):
     ### BEGIN SOLUTION""", 1))
 
 
-@case("reads_root_files", (0, 3, 4), sandbox=True)
+@case("reads_root_files", (0, 3, 4, 4), sandbox=True)
 def _(nb):
     set_src(nb, SOFTMAX, '''
 import os
@@ -416,7 +417,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 '''
 
 
-@case("sysv_a_writer", (2, 3, 4))
+@case("sysv_a_writer", (2, 3, 4, 4))
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX) + MSG + '''
 _queue = _libc.msgget(0x5EED, 0o1666)
@@ -424,7 +425,7 @@ _libc.msgsnd(_queue, ctypes.create_string_buffer(b"\\x01\\0\\0\\0\\0\\0\\0\\0sec
 ''')
 
 
-@case("sysv_b_reader", (0, 3, 4))
+@case("sysv_b_reader", (0, 3, 4, 4))
 def _(nb):
     set_src(nb, SOFTMAX, MSG + '''
 
@@ -435,12 +436,12 @@ def softmax(x, dim=-1):
     set_src(nb, ATTENTION, OWN_ATTENTION)
 
 
-@case("slow_sanity_loop", (2, 3, 4))
+@case("slow_sanity_loop", (2, 3, 4, 4))
 def _(nb):  # an honest notebook whose answer cell ends with a long loop: the loop is stopped, the answer kept
     set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nfor _ in range(10**10):\n    _ = 1 + 1\n")
 
 
-@case("slow_import_and_infinite_loop", (0.4, 3, 4))
+@case("slow_import_and_infinite_loop", (0.4, 3, 4, 4))
 def _(nb):
     set_src(nb, "ch01-01", "import time\ntime.sleep(2.5)\n" + src(nb, "ch01-01"))
     set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace(
@@ -455,7 +456,7 @@ SLEEP_ONCE = '''
 '''
 
 
-@case("sleeps_just_under_each_budget", (2, 3, 4), sandbox=True)
+@case("sleeps_just_under_each_budget", (2, 3, 4, 4), sandbox=True)
 def _(nb):
     set_src(nb, "ch01-01", "import time\ntime.sleep(3.0)\n" + src(nb, "ch01-01"))
     for cell_id, ex in ((SOFTMAX, "1.1"), (ATTENTION, "1.2")):
@@ -464,12 +465,12 @@ def _(nb):
     method_body(nb, "forward", SLEEP_ONCE.format("1.3"))
 
 
-@case("many_process_exits", (2, 3, 4), timed=True)
+@case("many_process_exits", (2, 3, 4, 4), timed=True)
 def _(nb):  # each line ends the runner: each costs a run of its own, all within the submission's cap
     set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nimport os\n" + "\n".join(["os._exit(0)"] * 300))
 
 
-@case("stalls_the_runner", (0, 0, 0), timed=True)
+@case("stalls_the_runner", (0, 0, 0, 0), timed=True)
 def _(nb):  # breaks the runner's own clock and waiting after the first answers: only the grader's clock is left
     set_src(nb, ATTENTION, src(nb, ATTENTION) + '''
 
@@ -480,13 +481,13 @@ os.pidfd_open = lambda *a, **k: 1 / 0
 ''')
 
 
-@case("infinite_loop_then_many_statements", (2, 3, 4), timed=True)
+@case("infinite_loop_then_many_statements", (2, 3, 4, 4), timed=True)
 def _(nb):
     set_src(nb, MHSA, src(nb, MHSA) + "\n\nwhile True:\n    pass\n" + SUBMIT
             + "\n" + "\n".join(f"class Slow{i}:\n    import time; time.sleep(0.9)" for i in range(50)))
 
 
-@case("forges_the_end_of_public_checks", (0.8, 1.2, 1.6), sandbox=True, timed=True)
+@case("forges_the_end_of_public_checks", (0.8, 1.2, 1.6, 1.6), sandbox=True, timed=True)
 def _(nb):  # claims the public checks are done during setup, to receive the hidden inputs and show them
     set_src(nb, SOFTMAX, src(nb, SOFTMAX) + '''
 
@@ -519,14 +520,14 @@ raise ValueError("HIDDEN INPUTS: " + _leaked)
 ''')
 
 
-@case("forbidden_calls_and_timm", (0, 3, 0))
+@case("forbidden_calls_and_timm", (0, 3, 0, 4))
 def _(nb):
     set_src(nb, SOFTMAX, "import torch.nn.functional as F\n\n\ndef softmax(x, dim=-1):\n    return F.softmax(x, dim)")
     set_src(nb, MHSA, "from timm.layers import Attention\n\n\nclass MultiHeadSelfAttention(Attention):\n"
             "    def __init__(self, dim, heads):\n        super().__init__(dim, num_heads=heads, qkv_bias=True)")
 
 
-@case("timm_vit_and_built_count", (2, 0, 0), chapter="ch04")
+@case("timm_vit_and_built_count", (2, 0, 0, 3), chapter="ch04")
 def _(nb):
     cell(nb, "ch04-06")["source"] = (
         "import timm\n\n\nclass ViT(timm.models.vision_transformer.VisionTransformer):\n"
@@ -554,7 +555,7 @@ def main() -> None:
         expected[name] = scores
     good = json.dumps(bases["ch01"], indent=1)
     (OUT / "invalid_json.ipynb").write_text(good[: len(good) // 2])
-    expected["ch01/invalid_json"] = {"1.1": 0, "1.2": 0, "1.3": 0, "needs_sandbox": False, "timed": False}
+    expected["ch01/invalid_json"] = {"1.1": 0, "1.2": 0, "1.3": 0, "1.4": 0, "needs_sandbox": False, "timed": False}
     (OUT.parent / "expected.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
 
 

@@ -1,18 +1,20 @@
 """Chapter 1 exercises (attention): public spec.
 
 Students write ``softmax``, ``attention`` (masked scaled dot-product attention that
-also returns the weights) and ``MultiHeadSelfAttention`` (fused ``qkv``, timm names).
+also returns the weights), ``MultiHeadSelfAttention`` (fused ``qkv``, timm names) and
+``attention_backward``, the gradients of attention derived by hand (no autograd).
 The grading sandbox exposes no core module: every piece is the students' own.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from vitcourse.attention import MultiHeadSelfAttention, scaled_dot_product_attention, softmax
 
 from ..runtime import apply, arr, call, new, state_shapes
-from ..spec import Case, Chapter, Check, Exercise, exact
+from ..spec import Case, Chapter, Check, Exercise, allclose, exact
 from ._common import randn, randomised, run, shapes, t, weights
 
 
@@ -66,6 +68,22 @@ def mhsa_case(dim: int, heads: int, batch: int = 2, tokens: int = 5, what: str =
     return build
 
 
+def backward_case(batch: tuple[int, ...], n_q: int, n_k: int, d_k: int, d_v: int, scale: float = 1.0):
+    """``attention_backward(q, k, v, grad_out)`` against autograd through the course's attention."""
+
+    def build(rng: np.random.Generator) -> Case:
+        q, k = randn(rng, *batch, n_q, d_k, scale=scale), randn(rng, *batch, n_k, d_k, scale=scale)
+        v, grad_out = randn(rng, *batch, n_k, d_v), randn(rng, *batch, n_q, d_v)
+        leaves = [t(x).double().requires_grad_() for x in (q, k, v)]
+        out = scaled_dot_product_attention(*leaves)
+        grads = torch.autograd.grad(out, leaves, grad_outputs=t(grad_out).double())
+        task = call("attention_backward", arr(q), arr(k), arr(v), arr(grad_out))
+        # float32 answers against a float64 reference; a wrong formula is off by O(1)
+        return Case(task, [g.float().numpy() for g in grads], allclose(atol=1e-4, rtol=1e-3))
+
+    return build
+
+
 CHAPTER = Chapter(
     name="ch01",
     title="Attention",
@@ -98,6 +116,16 @@ CHAPTER = Chapter(
                     Check("the parameter names and shapes for dim 16, 4 heads", mhsa_case(16, 4, what="shapes"))],
             forbidden=("timm", "torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention",
                        "torch.nn.functional.multi_head_attention_forward"),
+        ),
+        Exercise(
+            id="1.4", title="The gradients of attention, by hand", points=4, answers=("attention_backward",),
+            statement="Write attention_backward(q, k, v, grad_out) for out = softmax(q kᵀ / sqrt(d_k)) v without a "
+                      "mask, q (..., n_q, d_k), k (..., n_k, d_k), v (..., n_k, d_v), grad_out (..., n_q, d_v): "
+                      "return (dq, dk, dv), the gradients of sum(out * grad_out) with respect to q, k and v, with "
+                      "the shapes of q, k and v. Derive them; autograd is forbidden.",
+            public=[Check("self-attention on a (2, 5, 8) batch", backward_case((2,), 5, 5, 8, 8)),
+                    Check("cross-attention: 4 queries, 6 keys, values of width 5", backward_case((3,), 4, 6, 4, 5))],
+            forbidden=("timm", ".backward", ".grad", "torch.autograd", "torch.func", "functorch"),
         ),
     ],
 )

@@ -1,13 +1,15 @@
 """Chapter 2 exercises (patching): public spec.
 
-Students write ``image_to_patches``, its inverse ``patches_to_image`` and the
-convolutional ``PatchEmbed``. Patches are flattened in ``(row, column, channel)``
+Students write ``image_to_patches``, its inverse ``patches_to_image``, the
+convolutional ``PatchEmbed`` and ``image_to_overlapping_patches`` (patches every
+``stride`` pixels, which the reshape trick cannot cut). Patches are flattened in ``(row, column, channel)``
 order, as in :mod:`vitcourse.patches`. No core module is visible while grading.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch.nn.functional as F
 
 from vitcourse.patches import PatchEmbed, image_to_patches, patches_to_image
 
@@ -53,6 +55,19 @@ def embed_case(image: int, patch: int, channels: int, dim: int, batch: int = 2, 
     return build
 
 
+def overlapping_case(batch: int, channels: int, height: int, width: int, patch: int, stride: int):
+    """``image_to_overlapping_patches`` of random images, against ``F.unfold`` put in (row, column, channel) order."""
+
+    def build(rng: np.random.Generator) -> Case:
+        images = randn(rng, batch, channels, height, width)
+        columns = F.unfold(t(images), kernel_size=patch, stride=stride)  # (B, C*P*P, N): (channel, row, column)
+        per_patch = columns.reshape(batch, channels, patch, patch, -1).permute(0, 4, 2, 3, 1)  # (B, N, P, P, C)
+        expected = per_patch.reshape(batch, -1, patch * patch * channels)
+        return Case(call("image_to_overlapping_patches", arr(images), patch, stride), expected.numpy())
+
+    return build
+
+
 CHAPTER = Chapter(
     name="ch02",
     title="Patching",
@@ -77,6 +92,17 @@ CHAPTER = Chapter(
                       "named proj (kernel = stride = patch size); forward maps (B, C, H, W) to (B, N, dim).",
             public=[Check("the output for 8x8 RGB images, 4x4 patches, dim 6", embed_case(8, 4, 3, 6)),
                     Check("the parameter names and shapes", embed_case(8, 4, 3, 6, what="shapes"))],
+        ),
+        Exercise(
+            id="2.4", title="Overlapping patches", points=3, answers=("image_to_overlapping_patches",),
+            statement="Write image_to_overlapping_patches(images, patch_size, stride): (B, C, H, W) -> "
+                      "(B, N, P*P*C) with a P x P patch starting every stride pixels, down and across; "
+                      "N = ((H - P) // stride + 1) * ((W - P) // stride + 1), pixels past the last whole patch are "
+                      "dropped, patches in row-major order, each flattened as (row, column, channel); "
+                      "no F.unfold or nn.Unfold.",
+            public=[Check("a (2, 3, 8, 8) batch, 4x4 patches every 2 pixels", overlapping_case(2, 3, 8, 8, 4, 2)),
+                    Check("stride equal to the patch size (no overlap)", overlapping_case(1, 2, 6, 6, 2, 2))],
+            forbidden=("timm", "torch.nn.functional.unfold", "torch.nn.Unfold"),
         ),
     ],
 )

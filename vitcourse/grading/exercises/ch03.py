@@ -1,14 +1,17 @@
 """Chapter 3 exercises (the encoder block): public spec.
 
-Students write ``layer_norm`` (from scratch), the ``MLP`` and the pre-norm
-``EncoderBlock``, reusing chapter 1's attention: the grading sandbox exposes
-:mod:`vitcourse.attention` but not :mod:`vitcourse.encoder`.
+Students write ``layer_norm`` (from scratch), the ``MLP``, the pre-norm
+``EncoderBlock`` and its LayerScale variant ``LayerScaleBlock``, reusing chapter 1's
+attention: the grading sandbox exposes :mod:`vitcourse.attention` but not
+:mod:`vitcourse.encoder`.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vitcourse.encoder import LAYER_NORM_EPS, MLP, EncoderBlock
 
@@ -50,6 +53,31 @@ def block(dim: int, heads: int, mlp_dim: int) -> EncoderBlock:
     return EncoderBlock(dim, heads, mlp_dim, fused_attention=False)
 
 
+class _Scale(nn.Module):
+    """Multiply the last dimension by a learned vector ``gamma`` (D,)."""
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class LayerScaleReference(nn.Module):
+    """The course's pre-norm block with each residual branch scaled per channel (timm's ``ls1``, ``ls2``)."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        inner = block(dim, heads, mlp_dim)
+        self.norm1, self.attn, self.norm2, self.mlp = inner.norm1, inner.attn, inner.norm2, inner.mlp
+        self.ls1, self.ls2 = _Scale(dim, init_values), _Scale(dim, init_values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
 CHAPTER = Chapter(
     name="ch03",
     title="The encoder block",
@@ -77,6 +105,18 @@ CHAPTER = Chapter(
             public=[Check("the output for dim 16, 4 heads, MLP 32", module_case("EncoderBlock", block, (16, 4, 32), (2, 5))),
                     Check("the parameter names and shapes",
                           module_case("EncoderBlock", block, (16, 4, 32), (2, 5), "shapes"))],
+        ),
+        Exercise(
+            id="3.4", title="LayerScale", points=3, answers=("LayerScaleBlock",),
+            statement="Write the nn.Module LayerScaleBlock(dim, heads, mlp_dim, init_values=1e-5): your pre-norm block "
+                      "with each residual branch multiplied feature by feature by a learned vector before it is "
+                      "added: x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x))), where ls1 and ls2 are "
+                      "modules holding one parameter gamma of shape (dim,), filled with init_values, and "
+                      "lsi(y) = y * gamma. Other names as in exercise 3.3.",
+            public=[Check("the output for dim 16, 4 heads, MLP 32, with the grader's weights and gammas",
+                          module_case("LayerScaleBlock", LayerScaleReference, (16, 4, 32), (2, 5))),
+                    Check("the parameter names and shapes",
+                          module_case("LayerScaleBlock", LayerScaleReference, (16, 4, 32), (2, 5), "shapes"))],
         ),
     ],
 )

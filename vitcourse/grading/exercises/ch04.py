@@ -1,7 +1,8 @@
 """Chapter 4 exercises (the Vision Transformer): public spec.
 
 Students write ``embed_tokens`` (CLS token and positions), assemble ``ViT`` with
-timm's parameter names, and count its parameters by formula. The grading sandbox
+timm's parameter names, count its parameters by formula, and build ``MeanPoolViT``,
+the variant without a CLS token that classifies the average token. The grading sandbox
 exposes the earlier chapters' modules (attention, patches, encoder), not
 :mod:`vitcourse.vit`.
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import nn
 
 from vitcourse.vit import VisionTransformer, ViTConfig, count_parameters
 
-from ..runtime import apply, arr, call, new, state_shapes
+from ..runtime import apply, arr, call, new, num_params, state_shapes
 from ..spec import Case, Chapter, Check, Exercise, exact
 from ._common import randn, randomised, run, shapes, weights
 
@@ -31,19 +33,42 @@ def tokens_case(batch: int, n: int, dim: int):
     return build
 
 
-def vit_case(config: ViTConfig, batch: int = 2, what: str = "forward"):
-    """The student's ``ViT(**sizes)`` with the weights of the course's ``VisionTransformer``."""
+class MeanPoolReference(VisionTransformer):
+    """The course's ViT without its CLS token: positions for the N patches, the head reads the mean final token."""
+
+    def __init__(self, config: ViTConfig) -> None:
+        super().__init__(config)
+        del self.cls_token
+        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, config.dim))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, num_classes)
+        x = self.patch_embed(images) + self.pos_embed  # (B, N, D)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+def vit_case(config: ViTConfig, batch: int = 2, what: str = "forward", name: str = "ViT",
+             reference=VisionTransformer):
+    """The student's ``name(**sizes)`` (``ViT``, ``MeanPoolViT``) with the weights of ``reference(config)``."""
     sizes = {k: getattr(config, k) for k in SIZES}
 
     def build(rng: np.random.Generator) -> Case:
         torch.manual_seed(0)
-        ref = randomised(VisionTransformer(config), rng, scale=0.2)
+        ref = randomised(reference(config), rng, scale=0.2)
         if what == "shapes":
-            return Case(state_shapes(new("ViT", **sizes)), shapes(ref), exact())
+            return Case(state_shapes(new(name, **sizes)), shapes(ref), exact())
+        if what == "count":
+            return Case(num_params(new(name, **sizes)), count_parameters(ref), exact())
         images = randn(rng, batch, config.in_channels, config.image_size, config.image_size)
-        return Case(apply(new("ViT", **sizes, state=weights(ref)), arr(images)), run(ref, images))
+        return Case(apply(new(name, **sizes, state=weights(ref)), arr(images)), run(ref, images))
 
     return build
+
+
+def mean_pool_case(config: ViTConfig, batch: int = 2, what: str = "forward"):
+    """``vit_case`` for the student's ``MeanPoolViT``."""
+    return vit_case(config, batch, what, name="MeanPoolViT", reference=MeanPoolReference)
 
 
 def count_case(config: ViTConfig):
@@ -84,6 +109,17 @@ CHAPTER = Chapter(
                       "mlp_dim) returning the number of parameters of that ViT, from a formula (build no model).",
             public=[Check("the count of a small ViT", count_case(SMALL))],
             forbidden=("timm", "ViT", "torch.nn", ".parameters", ".numel", ".state_dict", "vitcourse"),
+        ),
+        Exercise(
+            id="4.4", title="A ViT without a CLS token", points=3, answers=("MeanPoolViT",),
+            statement="Write the nn.Module MeanPoolViT with ViT's arguments and names but no cls_token: pos_embed "
+                      "has shape (1, N, dim) and is added to the N patch tokens, and the head classifies the "
+                      "average over the tokens of norm(output of the last block), (B, N, dim) -> (B, dim) -> "
+                      "(B, num_classes).",
+            public=[Check("the logits of a small mean-pool ViT with the grader's weights", mean_pool_case(SMALL)),
+                    Check("the parameter names and shapes of a small mean-pool ViT",
+                          mean_pool_case(SMALL, what="shapes"))],
+            forbidden=("timm", "vitcourse.vit", "torchvision"),
         ),
     ],
 )
