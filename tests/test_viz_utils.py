@@ -145,3 +145,51 @@ def test_show_grid_refuses_inconsistent_arguments(kwargs, message):
         viz.show_grid(**arguments)
     with pytest.raises(ValueError, match="no images"):
         viz.show_grid([], [], "nothing")
+
+
+def _texts(fig) -> str:
+    """Every piece of text drawn in ``fig`` (titles, labels, box captions), joined by newlines."""
+    parts = [fig._suptitle.get_text()] if fig._suptitle else []
+    for ax in fig.axes:
+        parts += [ax.get_title(), *(t.get_text() for t in ax.texts)]
+    return "\n".join(parts)
+
+
+def test_vit_architecture_draws_the_blocks_with_the_config_sizes():
+    from matplotlib.patches import FancyBboxPatch
+
+    from vitcourse.vit import ViTConfig
+
+    cfg = ViTConfig(image_size=32, patch_size=8, dim=48, depth=5, heads=4, mlp_dim=96, num_classes=7)
+    fig = viz.plot_vit_architecture(cfg, image=sample_image(size=32))
+    assert isinstance(fig, plt.Figure) and fig._suptitle is not None and "16 patches" in fig._suptitle.get_text()
+    text = _texts(fig)
+    for box in ("Linear projection", "Transformer encoder", "MLP head", "Multi-head attention", "LayerNorm",
+                "MLP, GELU", "residual", "[CLS]"):
+        assert box in text, f"no {box!r} in the diagram"
+    # the sizes of this config, not the defaults: patches, tokens, width, depth, heads, MLP, classes, P*P*C
+    for size in ("16 patches of 8\u00d78", "17 tokens of width 48", "D = 48", "L = 5", "4 heads of 12",
+                 "48 \u2192 96 \u2192 48", "7 classes", "192 \u2192 D = 48", "17 \u00d7 48"):
+        assert size in text, f"the label {size!r} is missing"
+    assert "192 \u2192 384" not in text and "L = 6" not in text  # nothing left from ViTConfig()'s defaults
+    boxes = [p for ax in fig.axes for p in ax.patches if isinstance(p, FancyBboxPatch)]
+    # 4 stages of the block, the projection, the encoder and the head, and a token with its position
+    # embedding for the CLS token and each of the 7 patches shown
+    assert len(boxes) >= 4 + 3 + 2 * (1 + 7)
+    images = [im for ax in fig.axes for im in ax.images]
+    assert len(images) == 1 + 7  # the image and the seven patches shown before and after the ellipsis
+    plt.close(fig)
+
+
+def test_vit_architecture_without_config_uses_symbols_and_refuses_wrong_images():
+    fig = viz.plot_vit_architecture()
+    text = _texts(fig)
+    assert "N patches of P\u00d7P" in text and "L blocks" in text and "(N + 1) \u00d7 D" in text
+    assert fig._suptitle.get_text() and [len(ax.images) for ax in fig.axes] == [1, 0]  # a grey placeholder
+    plt.close(fig)
+    from vitcourse.vit import ViTConfig
+
+    with pytest.raises(ValueError, match="config expects 32x32"):
+        viz.plot_vit_architecture(ViTConfig(), image=sample_image(size=64))
+    with pytest.raises(ValueError, match=r"one \(C, H, W\) image"):
+        viz.plot_vit_architecture(ViTConfig(), image=sample_image(size=32)[None])

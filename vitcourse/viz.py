@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Circle, FancyBboxPatch
 import torch
 from torch import Tensor
 
 from .patches import check_image_size, image_to_patches
+
+if TYPE_CHECKING:
+    from .vit import ViTConfig
 
 __all__ = [
     "to_numpy_image",
@@ -25,6 +30,7 @@ __all__ = [
     "plot_position_similarity",
     "overlay_attention",
     "show_grid",
+    "plot_vit_architecture",
 ]
 
 
@@ -231,5 +237,153 @@ def show_grid(images: Sequence[Tensor] | Tensor, titles: Sequence[str], suptitle
         ax.imshow(to_numpy_image(image), cmap="gray")
         ax.set_title(title, fontsize=7)
     fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+def _box(ax: plt.Axes, x: float, y: float, w: float, h: float, text: str, color: str, fontsize: float = 9) -> None:
+    """A rounded box with its lower-left corner at ``(x, y)`` and ``text`` in its centre."""
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.4,rounding_size=1.2", fc=color, ec="black", lw=1))
+    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fontsize)
+
+
+def _arrow(ax: plt.Axes, start: tuple[float, float], end: tuple[float, float]) -> None:
+    ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "->", "lw": 1.1, "color": "black"})
+
+
+def plot_vit_architecture(cfg: ViTConfig | None = None, image: Tensor | None = None) -> plt.Figure:
+    """The Vision Transformer as a diagram, after Figure 1 of the ViT paper.
+
+    Left: image -> patches -> linear projection -> tokens (a CLS token and the patch tokens, each plus
+    its position embedding) -> ``L`` encoder blocks -> the CLS token's output -> MLP head -> class.
+    Right: one pre-norm encoder block (LayerNorm, multi-head attention, residual sum, LayerNorm,
+    MLP, residual sum).
+
+    Args:
+        cfg: a :class:`vitcourse.vit.ViTConfig` whose sizes (patches, tokens, width ``D``, depth
+            ``L``, heads, MLP width, classes) label the boxes; ``None`` labels them with symbols.
+        image: ``(C, H, W)`` in ``[0, 1]``, drawn and cut into the patches of ``cfg`` (its side
+            must be ``cfg.image_size``); ``None`` draws a grey placeholder.
+
+    Returns:
+        The figure, with a title; both panels are diagrams, so they have no data axes.
+
+    Raises:
+        ValueError: if ``image`` is not ``(C, H, W)``, does not match ``cfg``, or its side is not
+            divisible into patches.
+    """
+    size = cfg.image_size if cfg is not None else (image.shape[-1] if image is not None else 32)
+    patch = cfg.patch_size if cfg is not None else size // 4
+    if image is not None:
+        if image.ndim != 3:
+            raise ValueError(f"plot_vit_architecture needs one (C, H, W) image, got shape {tuple(image.shape)}.")
+        if cfg is not None and tuple(image.shape[-2:]) != (size, size):
+            raise ValueError(f"the image is {image.shape[-2]}x{image.shape[-1]} but the config expects "
+                             f"{size}x{size}; resize it or pass a config with image_size={image.shape[-1]}.")
+        size = image.shape[-1]
+        grid_h, grid_w = check_image_size(image.shape[-2], size, patch)
+    else:
+        grid_h, grid_w = check_image_size(size, size, patch)
+    if cfg is None:  # symbols instead of sizes
+        n, tokens, dim, depth, d_eq, l_eq = "N", "(N + 1)", "D", "L", "D", "L"
+        heads, head_dim, mlp, classes, flat = "h heads", "D/h", "D \u2192 M \u2192 D", "K classes", "P\u00b7P\u00b7C"
+        image_label = f"image {size}\u00d7{size}" if image is not None else "image"
+        patch_label = f"{patch}\u00d7{patch}" if image is not None else "P\u00d7P"
+    else:
+        n, tokens, dim, depth = str(cfg.num_patches), str(cfg.seq_len), str(cfg.dim), str(cfg.depth)
+        d_eq, l_eq = f"D = {cfg.dim}", f"L = {cfg.depth}"
+        heads, head_dim, classes = f"{cfg.heads} heads", str(cfg.dim // cfg.heads), f"{cfg.num_classes} classes"
+        mlp, flat = f"{cfg.dim} \u2192 {cfg.mlp_dim} \u2192 {cfg.dim}", str(patch * patch * cfg.in_channels)
+        image_label, patch_label = f"image {size}\u00d7{size}", f"{patch}\u00d7{patch}"
+
+    fig, (ax, ax_block) = plt.subplots(1, 2, figsize=(13, 6.4), gridspec_kw={"width_ratios": [2.4, 1]})
+    for a in (ax, ax_block):
+        a.set_xlim(0, 100)
+        a.set_ylim(0, 100)
+        a.axis("off")
+
+    # The image and its patch grid, bottom left.
+    x0, y0, side = 1, 2, 19
+    shown = to_numpy_image(image) if image is not None else np.full((size, size), 0.85)
+    ax.imshow(shown, cmap="gray", vmin=0, vmax=1, extent=(x0, x0 + side, y0, y0 + side), aspect="auto", zorder=1)
+    line = "white" if image is not None else "gray"
+    for k in range(1, grid_w):
+        ax.plot([x0 + side * k / grid_w] * 2, [y0, y0 + side], color=line, lw=1)
+    for k in range(1, grid_h):
+        ax.plot([x0, x0 + side], [y0 + side * k / grid_h] * 2, color=line, lw=1)
+    ax.text(x0 + side / 2, y0 + side + 2, f"{image_label}\ncut into {n} patches of {patch_label}",
+            ha="center", va="bottom", fontsize=9)
+
+    # A row of patches (the first ones, then the last), the projection, and the tokens.
+    count = grid_h * grid_w
+    shown_ids = list(range(count)) if count <= 8 else [0, 1, 2, 3, 4, 5, None, count - 1]
+
+    def number(pid: int) -> str:  # patch pid's position, 1..N (the CLS token is 0)
+        return n if pid == count - 1 and not n.isdigit() else str(pid + 1)
+
+    slot, left = 8, 28
+    xs = [left + slot * (k + 1) for k in range(len(shown_ids))]  # slot 0 of the token row is the CLS token
+    patches = None
+    if image is not None:
+        patches = image_to_patches(image[None], patch)[0].reshape(-1, patch, patch, image.shape[0])  # (N, P, P, C)
+    for x, pid in zip(xs, shown_ids):
+        if pid is None:
+            ax.text(x + 2.5, 9, "\u2026", ha="center", va="center", fontsize=14)
+            ax.text(x + 2.5, 41, "\u2026", ha="center", va="center", fontsize=14)
+            continue
+        if patches is not None:
+            tile = patches[pid].clamp(0, 1).numpy()
+            ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray", vmin=0, vmax=1,
+                      extent=(x, x + 5, 6, 12), aspect="auto")
+        else:
+            _box(ax, x, 6, 5, 6, "", "0.85")
+        ax.text(x + 2.5, 4, number(pid), ha="center", va="top", fontsize=7)
+        _arrow(ax, (x + 2.5, 12.5), (x + 2.5, 23))
+    _arrow(ax, (x0 + side + 1, 9), (xs[0] - 1, 9))
+    ax.text((x0 + side + xs[0]) / 2, 10.5, "flatten", ha="center", va="bottom", fontsize=8)
+    _box(ax, left, 24, xs[-1] + 5 - left, 6,
+         f"Linear projection of flattened patches ({flat} \u2192 {d_eq})", "#f6c9a8")
+    for k, x in enumerate([left, *xs]):
+        if k and shown_ids[k - 1] is None:
+            continue
+        if k:
+            _arrow(ax, (x + 2.5, 30.8), (x + 2.5, 37))
+        _box(ax, x - 0.6, 37.5, 2.2, 6, "0" if k == 0 else number(shown_ids[k - 1]), "#d7b4e6", fontsize=7)  # position
+        _box(ax, x + 2.2, 37.5, 3.4, 6, "*" if k == 0 else "", "#f8e08e" if k == 0 else "#f6c9a8", fontsize=9)
+        _arrow(ax, (x + 2.5, 44.3), (x + 2.5, 51))
+    ax.text(left - 2, 40.5, f"{tokens.strip('()')} tokens of width {dim}:\n[CLS] token * and patch\ntokens, each + its\n"
+            "position embedding (purple)", ha="right", va="center", fontsize=8)
+    _box(ax, left, 52, xs[-1] + 5 - left, 12,
+         f"Transformer encoder: {l_eq} blocks (right), {heads}, width {d_eq}", "#cfe3f5", fontsize=10)
+    _arrow(ax, (left + 2.5, 64.8), (left + 2.5, 72))
+    ax.text(left + 5, 68, "output of the [CLS] token only", ha="left", va="center", fontsize=8)
+    _box(ax, left - 4, 73, 13, 6, "LayerNorm +\nMLP head", "#c7e9c0")
+    _arrow(ax, (left + 2.5, 79.8), (left + 2.5, 86))
+    ax.text(left + 2.5, 87, f"class scores ({classes})", ha="center", va="bottom", fontsize=9)
+    ax.set_title("The model: image \u2192 tokens \u2192 encoder \u2192 class")
+
+    # One encoder block, right panel, bottom to top.
+    ax_block.add_patch(FancyBboxPatch((8, 10), 84, 76, boxstyle="round,pad=0.5,rounding_size=2",
+                                      fc="#eef5fb", ec="gray", lw=1, ls="--"))
+    ax_block.text(4, 48, f"\u00d7 {l_eq}", ha="right", va="center", fontsize=11, rotation=90)
+    ax_block.text(50, 3, f"tokens in: {tokens} \u00d7 {dim}", ha="center", va="center", fontsize=9)
+    stages = [(16, "LayerNorm", "#e8e8a8"), (28, f"Multi-head attention\n({heads} of {head_dim})", "#f7b6b2"),
+              (50, "LayerNorm", "#e8e8a8"), (62, f"MLP, GELU\n({mlp})", "#9fd8df")]
+    for y, text, color in stages:
+        _box(ax_block, 25, y, 50, 7 if "\n" in text else 5, text, color)
+    for y_from, y_to in [(5.5, 15.5), (21.5, 27.5), (35.5, 41.5), (46, 49.5), (55.5, 61.5), (69.5, 75.5), (80, 91)]:
+        _arrow(ax_block, (50, y_from), (50, y_to))
+    for y in (43.8, 77.8):
+        ax_block.add_patch(Circle((50, y), 2.2, fc="white", ec="black", lw=1))
+        ax_block.text(50, y, "+", ha="center", va="center", fontsize=11)
+    for y_from, y_to in [(10, 43.8), (47.5, 77.8)]:  # the residual paths
+        ax_block.plot([50, 86, 86], [y_from, y_from, y_to], color="black", lw=1.1)
+        _arrow(ax_block, (86, y_to), (52.4, y_to))
+    ax_block.text(88, 27, "residual", rotation=90, ha="left", va="center", fontsize=8)
+    ax_block.text(88, 62, "residual", rotation=90, ha="left", va="center", fontsize=8)
+    ax_block.text(50, 94, f"tokens out: {tokens} \u00d7 {dim}", ha="center", va="center", fontsize=9)
+    ax_block.set_title("One encoder block (pre-norm)")
+    what = "a ViT" if cfg is None else f"this ViT: {n} patches, {depth} blocks of width {dim}, {heads}"
+    fig.suptitle(f"Architecture of {what} (after Dosovitskiy et al., 2021, Figure 1)")
     fig.tight_layout()
     return fig
