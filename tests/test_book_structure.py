@@ -25,10 +25,16 @@ EXERCISE_DIV = re.compile(r'<div class="(?=[^"]*\bexercise\b)(?=[^"]*\badmonitio
 
 
 def chapters() -> list[str]:
-    """The chapter files of `_toc.yml`, in order (without suffix)."""
+    """The chapter files of `_toc.yml` and their section pages (e.g. 5.1), in order (without suffix)."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
     (part,) = [p for p in toc["parts"] if p.get("caption") == "Chapters"]
-    return [entry["file"] for entry in part["chapters"]]
+
+    def walk(entries):
+        for entry in entries:
+            yield entry["file"]
+            yield from walk(entry.get("sections", []))
+
+    return list(walk(part["chapters"]))
 
 
 def markdown_of(chapter: str) -> str:
