@@ -260,3 +260,22 @@ def test_page_computes_its_conclusions():
     for conclusion in ("curve_verdict", "ablation_verdict", "noise_floor"):
         assert conclusion in used, f"the page's prose does not show the computed {conclusion}"
     assert "dosovitskiy2021image" in prose and "xiao2021early" in prose and "lee2021vision" in prose
+
+
+def test_the_pages_worked_parameter_counts_are_the_models():
+    """The SPT exercise's solution works out the token sizes and parameter counts by hand; the models agree."""
+    import dataclasses
+
+    import nbformat
+
+    from vitcourse.train import CONFIGS
+
+    quick = CONFIGS["quick"].vit
+    plain = count_parameters(VisionTransformer(quick).patch_embed)
+    spt = count_parameters(VisionTransformer(dataclasses.replace(quick, stem="spt")).patch_embed)
+    patch = quick.patch_size ** 2 * quick.in_channels
+    assert (patch, 5 * patch, plain, spt, spt - plain) == (48, 240, 4_704, 23_616, 18_912)
+    prose = "\n".join(c.source for c in nbformat.read(ROOT / f"{PAGE}.ipynb", as_version=4).cells
+                      if c.cell_type == "markdown")
+    for shown in (f"{plain:,}", f"{spt:,}", f"{spt - plain:,}"):  # as the page writes them
+        assert shown.replace(",", "{,}") in prose or shown in prose, f"the solution no longer shows {shown}"
