@@ -84,3 +84,14 @@ def test_attention_dropout_only_in_training():
     assert not torch.allclose(attn(x), attn(x))
     attn.eval()
     assert_close(attn(x), attn(x))
+
+
+@pytest.mark.parametrize("values, words", [
+    (torch.full((4,), float("nan")), "`nan` everywhere"),
+    (torch.tensor([float("nan"), 1.0]), "a mix of `nan` and numbers"),
+    (torch.zeros(3), "zeros everywhere"),
+    (torch.tensor([0.0, 0.5]), "ordinary numbers"),
+])
+def test_describe_values_every_branch(values, words):
+    from vitcourse.attention import describe_values
+    assert describe_values(values) == words

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-__all__ = ["softmax", "scaled_dot_product_attention", "MultiHeadSelfAttention"]
+__all__ = ["softmax", "scaled_dot_product_attention", "MultiHeadSelfAttention", "describe_values"]
 
 
 def softmax(x: Tensor, dim: int = -1) -> Tensor:
@@ -44,6 +44,22 @@ def softmax(x: Tensor, dim: int = -1) -> Tensor:
     shifted = x - x.amax(dim=dim, keepdim=True)
     exp = shifted.exp()
     return exp / exp.sum(dim=dim, keepdim=True)
+
+
+def describe_values(values: Tensor) -> str:
+    """A few words for what a tensor holds, for prose about outputs that differ between versions:
+    ``"nan everywhere"``, ``"zeros everywhere"``, ``"a mix of nan and numbers"`` or ``"ordinary numbers"``.
+
+    Chapter 1 uses it for what a fused kernel returns when a query may attend to no key at all.
+    """
+    nan = torch.isnan(values)
+    if bool(nan.all()):
+        return "`nan` everywhere"
+    if bool(nan.any()):
+        return "a mix of `nan` and numbers"
+    if bool((values == 0).all()):
+        return "zeros everywhere"
+    return "ordinary numbers"
 
 
 def scaled_dot_product_attention(
