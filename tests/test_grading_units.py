@@ -333,15 +333,53 @@ THINKING = [
            "images.unfold(2, p, stride).unfold(3, p, stride)[:, :, :(images.shape[3] - p) // stride + 1]")],
          "hidden"),
     ]),
-    ("ch03", "3.4", "LayerScaleBlock", [
-        ([("x = x + self.ls1(self.attn(self.norm1(x)))", "x = x + self.ls2(self.attn(self.norm1(x)))"),
-          ("return x + self.ls2(self.mlp", "return x + self.ls1(self.mlp")], "public"),  # gammas swapped
-        ([("torch.full((dim,), float(init_values))", "torch.ones(dim)")], "hidden"),  # init_values ignored
+    # Find and fix: each half-right answer leaves one of the given code's bugs in place.
+    ("ch01", "1.2", "attention", [
+        ([("scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])", "scores = q @ k.transpose(-2, -1)"),
+          ("weights = softmax(scores, dim=-1)", "weights = softmax(scores, dim=-1) / math.sqrt(q.shape[-1])")],
+         "public"),  # scaled after the softmax
+        ([("        scores = scores.masked_fill(mask.logical_not(), float(\"-inf\"))\n    weights = softmax(scores, dim=-1)",
+           "        pass\n    weights = softmax(scores, dim=-1)\n    if mask is not None:\n"
+           "        weights = weights.masked_fill(mask.logical_not(), 0.0)")], "public"),  # masked after the softmax
+        ([("k.transpose(-2, -1)", "k.transpose(1, 2)")], "hidden"),  # right for one leading dimension only
     ]),
-    ("ch04", "4.4", "MeanPoolViT", [
-        ([("self.head(self.norm(x).mean(dim=1))", "self.head(self.norm(x.mean(dim=1)))")], "public"),  # timm's order
-        ([("PatchEmbed(image_size, patch_size, in_channels, dim)", "PatchEmbed(image_size, patch_size, 3, dim)")],
-         "hidden"),  # RGB only
+    ("ch02", "2.3", "PatchEmbed", [
+        ([("features.flatten(2).transpose(1, 2)", "features.transpose(2, 3).flatten(2).transpose(1, 2)")],
+         "public"),  # patches numbered column by column
+        ([("features.flatten(2).transpose(1, 2)", "features.reshape(len(images), -1, features.shape[1])")],
+         "public"),  # channels mixed into positions
+    ]),
+    ("ch03", "3.4", "FixedBlock", [
+        ([("reshape(b, n, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)",
+           "reshape(b, n, self.heads, 3, head_dim).permute(3, 0, 2, 1, 4)")], "public"),  # the head split left
+        ([("x = x + self.attn(self.norm1(x))", "x = self.norm1(x)\n        x = x + self.attn(x)")],
+         "public"),  # the residual stream normalised
+        ([("self.mlp(self.norm2(x))", "self.mlp(self.norm1(x))")], "public"),  # norm1 twice
+        ([("reshape(b, n, 3, self.heads, head_dim)", "reshape(b, n, 3, 4, dim // 4)")], "hidden"),  # 4 heads only
+    ]),
+    # Derive: a formula right for one regime only.
+    ("ch04", "4.4", "vit_flops", [
+        ([("tokens = patches + 1", "tokens = patches")], "public"),  # the CLS token forgotten
+        ([("scores_and_mix = 2 * tokens * tokens * dim", "scores_and_mix = 0")], "public"),  # no q kᵀ, no weights v
+        ([("return 2 * (embed", "return (embed")], "public"),  # multiply-adds, not operations
+        ([("mlp = 2 * tokens * dim * mlp_dim", "mlp = 2 * tokens * dim * 4 * dim")], "hidden"),  # a 4x MLP assumed
+        ([("(patch_size * patch_size * in_channels)", "(patch_size * patch_size * 3)")], "hidden"),  # RGB only
+    ]),
+    # Predict, then measure: a measurement blind to dtypes, and the two likeliest wrong predictions.
+    ("ch07", "7.4", "count_traces", [
+        ([("    jitted = jax.jit(step)\n    for x in arrays:\n        jitted(x)\n    return traces",
+           "    return len({x.shape for x in arrays})")], "hidden"),  # shapes counted, dtypes ignored
+        ([("    return 4\n", "    return 2\n")], "hidden"),  # the evaluation batches forgotten
+        ([("    return 4\n", "    return 1\n")], "hidden"),  # compiled once and for all
+    ]),
+    ("ch08", "8.1", "top_k", [
+        ([("probs.topk(k, dim=-1)", "probs[:, 1:].topk(k, dim=-1)")], "public"),  # class 0 still dropped
+        ([("    probs = torch.softmax(logits, dim=-1)  # (B, K)\n    values, indices = probs.topk(k, dim=-1)",
+           "    values, indices = logits.topk(k, dim=-1)"), ("return values,", "return values.softmax(dim=-1),")],
+         "public"),  # softmax over the k kept logits
+        ([("probs.topk(k, dim=-1)", "probs[:, 1:].topk(k, dim=-1)"), ("indices.to(torch.int64)",
+                                                                       "(indices + 1).to(torch.int64)")],
+         "hidden"),  # indices shifted back, class 0 still never returned
     ]),
 ]
 

@@ -1,12 +1,19 @@
-"""Chapter 4 hidden checks: other depths and sizes, grey images, the standard ViT sizes, the mean-pool head."""
+"""Chapter 4 hidden checks: other depths and sizes, grey images; for the cost of a forward pass, a narrow MLP,
+grey images, and models far too large to run here (ViT-H/14 at 518 px, a 22-billion-parameter ViT, 1,024 px images)."""
 
 from vitcourse.vit import ViTConfig
 
-from vitcourse.grading.exercises.ch04 import count_case, mean_pool_case, tokens_case, vit_case
+from vitcourse.grading.exercises.ch04 import count_case, flops_case, tokens_case, vit_case
 from vitcourse.grading.spec import Check
 
 WIDE = ViTConfig(image_size=64, patch_size=8, in_channels=3, num_classes=100, dim=48, depth=4, heads=4, mlp_dim=96)
 GREY = ViTConfig(image_size=12, patch_size=3, in_channels=1, num_classes=3, dim=12, depth=3, heads=3, mlp_dim=24)
+HUGE_518 = ViTConfig(image_size=518, patch_size=14, in_channels=3, num_classes=1000, dim=1280, depth=32, heads=16,
+                     mlp_dim=5120)
+GIANT = ViTConfig(image_size=224, patch_size=14, in_channels=3, num_classes=1000, dim=6144, depth=48, heads=48,
+                  mlp_dim=24576)
+LARGE_1024 = ViTConfig(image_size=1024, patch_size=16, in_channels=3, num_classes=21843, dim=768, depth=12, heads=12,
+                       mlp_dim=3072)
 
 HIDDEN = {
     "4.1": [
@@ -22,9 +29,9 @@ HIDDEN = {
         Check("the count of a grey 3-block ViT", count_case(GREY)),
     ],
     "4.4": [
-        Check("the logits of a 3-block mean-pool ViT on grey images", mean_pool_case(GREY, batch=3)),
-        Check("the parameter names and shapes of a 3-block mean-pool ViT", mean_pool_case(GREY, what="shapes")),
-        Check("the parameter count of a 64 px, 4-block mean-pool ViT with 100 classes",
-              mean_pool_case(WIDE, what="count")),
+        Check("the cost of a grey 3-block ViT whose MLP is twice as wide as its tokens", flops_case(GREY)),
+        Check("the cost of ViT-H/14 at 518 px", flops_case(HUGE_518)),
+        Check("the cost of a ViT with 22 billion parameters", flops_case(GIANT)),
+        Check("the cost of ViT-B/16 on 1,024 px images (4,097 tokens)", flops_case(LARGE_1024)),
     ],
 }

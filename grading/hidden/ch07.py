@@ -1,4 +1,5 @@
-"""Chapter 7 hidden checks: other sizes, large offsets, one head, a single example, no momentum;
+"""Chapter 7 hidden checks: other sizes, large offsets, one head; the written trace prediction and trace
+counts over other arrays (other dtypes, ranks, repeats); a single example, large logits, no momentum;
 no padding, large values in the padding and one head for the padded batch."""
 
 from vitcourse.grading.exercises.ch07 import (
@@ -8,6 +9,8 @@ from vitcourse.grading.exercises.ch07 import (
     momentum_case,
     padded_attention_case,
     patch_kernel_case,
+    prediction_case,
+    traces_case,
 )
 from vitcourse.grading.spec import Check
 
@@ -28,10 +31,16 @@ HIDDEN = {
         Check("2 channels, patch 2, D = 9", patch_kernel_case(9, 2, 2)),
     ],
     "7.4": [
-        Check("a single image", loss_case(1, (3, 2, 2), 4)),
-        Check("large logits (numerical stability)", loss_case(6, (1, 4, 4), 3, scale=80.0)),
+        Check("the prediction written for the statement's scenario", prediction_case, weight=2.0),
+        Check("the same shape in two dtypes", traces_case([((5,), "float32"), ((5,), "int32"), ((5,), "float32")])),
+        Check("a long list with few distinct shapes",
+              traces_case([((3, 2), "float32")] * 6 + [((1, 2), "float32")] + [((3, 2), "float32")] * 3)),
+        Check("the same number of elements in different shapes",
+              traces_case([((6,), "float32"), ((2, 3), "float32"), ((3, 2), "float32"), ((6,), "float32")])),
     ],
     "7.5": [
+        Check("the loss of a single image", loss_case(1, (3, 2, 2), 4)),
+        Check("the loss for large logits (numerical stability)", loss_case(6, (1, 4, 4), 3, scale=80.0)),
         Check("the gradient for one-channel images and 2 classes", loss_case(5, (1, 3, 3), 2, what="grad")),
         Check("a step without momentum", momentum_case(0.5, 0.0)),
         Check("a small learning rate, momentum 0.5", momentum_case(1e-3, 0.5)),

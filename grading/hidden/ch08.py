@@ -1,4 +1,4 @@
-"""Chapter 8 hidden checks: k = 1 and k = K, large logits; upsampling, the same grid, one channel;
+"""Chapter 8 hidden checks: k = 1 and k = K, large logits, class 0 on top; upsampling, the same grid, one channel;
 no steps, two classes, a large step; twelve blocks, no decay, one block, a partly frozen model."""
 
 from vitcourse.grading.exercises.ch08 import decay_case, probe_case, resize_case, topk_case
@@ -9,6 +9,7 @@ HIDDEN = {
         Check("k = 1 (the top-1 class)", topk_case(3, 10, 1)),
         Check("k equal to the number of classes", topk_case(2, 6, 6)),
         Check("large logits (numerical stability)", topk_case(5, 10, 2, scale=50.0)),
+        Check("class 0 the most probable class of every row", topk_case(4, 50, 3, class_zero_first=True)),
     ],
     "8.2": [
         Check("a 4 x 4 grid upsampled to 7 x 7", resize_case(4, 7, 5)),

@@ -1,7 +1,7 @@
 """Chapter 1 exercises (attention): public spec.
 
-Students write ``softmax``, ``attention`` (masked scaled dot-product attention that
-also returns the weights), ``MultiHeadSelfAttention`` (fused ``qkv``, timm names) and
+Students write ``softmax``, fix the three bugs of a given masked scaled dot-product
+``attention`` (which also returns the weights), write ``MultiHeadSelfAttention`` (fused ``qkv``, timm names) and
 ``attention_backward``, the gradients of attention derived by hand (no autograd).
 The grading sandbox exposes no core module: every piece is the students' own.
 """
@@ -99,10 +99,11 @@ CHAPTER = Chapter(
                        "torch.nn.Softmax", "torch.log_softmax", "torch.nn.functional.log_softmax", ".log_softmax"),
         ),
         Exercise(
-            id="1.2", title="Masked scaled dot-product attention", points=3, answers=("attention",),
-            statement="Write attention(q, k, v, mask=None) returning (output, weights): "
-                      "softmax(q kᵀ / sqrt(d_k)) v, where mask is a boolean tensor broadcastable to "
-                      "(..., n_q, n_k) and False means 'may not attend'.",
+            id="1.2", title="Find and fix: masked scaled dot-product attention", points=3, answers=("attention",),
+            statement="The notebook's attention_with_bugs(q, k, v, mask=None) has three bugs. Write attention(q, k, v, "
+                      "mask=None) with them fixed, returning (output, weights): softmax(q kᵀ / sqrt(d_k)) v, where "
+                      "mask is a boolean tensor broadcastable to (..., n_q, n_k) and False means 'may not attend'. "
+                      "Graded on shapes and masks you do not see.",
             public=[Check("self-attention on a (2, 5, 8) batch, no mask", attention_case((2,), 5, 5, 8, 8)),
                     Check("a causal mask", attention_case((2,), 6, 6, 4, 4, mask="causal"))],
             forbidden=("timm", "torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention"),

@@ -1,7 +1,7 @@
 """Chapter 2 exercises (patching): public spec.
 
-Students write ``image_to_patches``, its inverse ``patches_to_image``, the
-convolutional ``PatchEmbed`` and ``image_to_overlapping_patches`` (patches every
+Students write ``image_to_patches``, its inverse ``patches_to_image``, fix the two bugs
+of a given convolutional ``PatchEmbed``, and write ``image_to_overlapping_patches`` (patches every
 ``stride`` pixels, which the reshape trick cannot cut). Patches are flattened in ``(row, column, channel)``
 order, as in :mod:`vitcourse.patches`. No core module is visible while grading.
 """
@@ -87,9 +87,11 @@ CHAPTER = Chapter(
             public=[Check("patches of a (2, 3, 8, 8) batch, 4x4 patches", to_image_case(2, 3, 8, 8, 4))],
         ),
         Exercise(
-            id="2.3", title="The patch embedding", points=3, answers=("PatchEmbed",),
-            statement="Write the nn.Module PatchEmbed(image_size, patch_size, in_channels, dim) with one nn.Conv2d "
-                      "named proj (kernel = stride = patch size); forward maps (B, C, H, W) to (B, N, dim).",
+            id="2.3", title="Find and fix: the patch embedding", points=3, answers=("PatchEmbed",),
+            statement="The notebook's BuggyPatchEmbed returns tokens of the right shape holding the wrong numbers. "
+                      "Write PatchEmbed(image_size, patch_size, in_channels, dim) with its bugs fixed: one nn.Conv2d "
+                      "named proj (kernel = stride = patch size); forward maps (B, C, H, W) to (B, N, dim), token n "
+                      "being patch n in row-major order and holding that patch's dim features.",
             public=[Check("the output for 8x8 RGB images, 4x4 patches, dim 6", embed_case(8, 4, 3, 6)),
                     Check("the parameter names and shapes", embed_case(8, 4, 3, 6, what="shapes"))],
         ),

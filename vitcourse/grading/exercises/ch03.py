@@ -1,9 +1,9 @@
 """Chapter 3 exercises (the encoder block): public spec.
 
-Students write ``layer_norm`` (from scratch), the ``MLP``, the pre-norm
-``EncoderBlock`` and its LayerScale variant ``LayerScaleBlock``, reusing chapter 1's
-attention: the grading sandbox exposes :mod:`vitcourse.attention` but not
-:mod:`vitcourse.encoder`.
+Students write ``layer_norm`` (from scratch), the ``MLP`` and the pre-norm
+``EncoderBlock``, reusing chapter 1's attention, then find and fix the three bugs of a
+given block (``FixedBlock``), graded with random weights at sizes they do not see: the
+grading sandbox exposes :mod:`vitcourse.attention` but not :mod:`vitcourse.encoder`.
 """
 
 from __future__ import annotations
@@ -53,29 +53,22 @@ def block(dim: int, heads: int, mlp_dim: int) -> EncoderBlock:
     return EncoderBlock(dim, heads, mlp_dim, fused_attention=False)
 
 
-class _Scale(nn.Module):
-    """Multiply the last dimension by a learned vector ``gamma`` (D,)."""
+def fixed_block_case(dim: int, heads: int, mlp_dim: int, tokens: tuple[int, int], offset: float = 0.0,
+                     fresh: bool = False):
+    """The student's ``FixedBlock(dim, heads, mlp_dim)`` with the weights of the course's block.
 
-    def __init__(self, dim: int, init_values: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+    ``fresh``: a freshly built block's weights (LayerNorms at 1 and 0), under which a block that
+    uses ``norm1`` twice cannot be told from a correct one; ``offset`` is added to every token.
+    """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
+    def build(rng: np.random.Generator) -> Case:
+        ref = block(dim, heads, mlp_dim)
+        ref = ref.eval() if fresh else randomised(ref, rng)
+        x = randn(rng, *tokens, dim) + np.float32(offset)
+        return Case(apply(new("FixedBlock", dim, heads, mlp_dim, state=weights(ref)), arr(x)), run(ref, x),
+                    allclose(atol=1e-4 * (1 + offset), rtol=1e-4))
 
-
-class LayerScaleReference(nn.Module):
-    """The course's pre-norm block with each residual branch scaled per channel (timm's ``ls1``, ``ls2``)."""
-
-    def __init__(self, dim: int, heads: int, mlp_dim: int, init_values: float = 1e-5) -> None:
-        super().__init__()
-        inner = block(dim, heads, mlp_dim)
-        self.norm1, self.attn, self.norm2, self.mlp = inner.norm1, inner.attn, inner.norm2, inner.mlp
-        self.ls1, self.ls2 = _Scale(dim, init_values), _Scale(dim, init_values)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, N, D)
-        x = x + self.ls1(self.attn(self.norm1(x)))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+    return build
 
 
 CHAPTER = Chapter(
@@ -91,14 +84,14 @@ CHAPTER = Chapter(
             public=[Check("a (2, 5, 8) batch of tokens", layer_norm_case((2, 5, 8)))],
         ),
         Exercise(
-            id="3.2", title="The MLP", points=2, answers=("MLP",),
+            id="3.2", title="The MLP", points=1, answers=("MLP",),
             statement="Write the nn.Module MLP(dim, hidden): fc1 = nn.Linear(dim, hidden), act = exact GELU, "
                       "fc2 = nn.Linear(hidden, dim); (..., dim) -> (..., dim).",
             public=[Check("the output for dim 8, hidden 16", module_case("MLP", MLP, (8, 16), (2, 5))),
                     Check("the parameter names and shapes", module_case("MLP", MLP, (8, 16), (2, 5), "shapes"))],
         ),
         Exercise(
-            id="3.3", title="The pre-norm encoder block", points=4, answers=("EncoderBlock",),
+            id="3.3", title="The pre-norm encoder block", points=3, answers=("EncoderBlock",),
             statement="Write the nn.Module EncoderBlock(dim, heads, mlp_dim) with norm1, attn "
                       "(multi-head self-attention with qkv and proj), norm2 and mlp (your MLP), LayerNorm eps 1e-6: "
                       "x = x + attn(norm1(x)); x = x + mlp(norm2(x)).",
@@ -107,16 +100,16 @@ CHAPTER = Chapter(
                           module_case("EncoderBlock", block, (16, 4, 32), (2, 5), "shapes"))],
         ),
         Exercise(
-            id="3.4", title="LayerScale", points=3, answers=("LayerScaleBlock",),
-            statement="Write the nn.Module LayerScaleBlock(dim, heads, mlp_dim, init_values=1e-5): your pre-norm block "
-                      "with each residual branch multiplied feature by feature by a learned vector before it is "
-                      "added: x = x + ls1(attn(norm1(x))); x = x + ls2(mlp(norm2(x))), where ls1 and ls2 are "
-                      "modules holding one parameter gamma of shape (dim,), filled with init_values, and "
-                      "lsi(y) = y * gamma. Other names as in exercise 3.3.",
-            public=[Check("the output for dim 16, 4 heads, MLP 32, with the grader's weights and gammas",
-                          module_case("LayerScaleBlock", LayerScaleReference, (16, 4, 32), (2, 5))),
+            id="3.4", title="Find and fix three bugs", points=6, answers=("FixedBlock",),
+            statement="The notebook's BuggyBlock(dim, heads, mlp_dim) runs and returns the right shape, but it has "
+                      "three bugs. Write FixedBlock(dim, heads, mlp_dim): the same parameter names (norm1, "
+                      "attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2) and the pre-norm block of exercise 3.3, "
+                      "x = x + attn(norm1(x)); x = x + mlp(norm2(x)). Graded with random weights at sizes you "
+                      "do not see.",
+            public=[Check("the output for dim 16, 4 heads, MLP 32, with the grader's weights",
+                          fixed_block_case(16, 4, 32, (2, 5))),
                     Check("the parameter names and shapes",
-                          module_case("LayerScaleBlock", LayerScaleReference, (16, 4, 32), (2, 5), "shapes"))],
+                          module_case("FixedBlock", block, (16, 4, 32), (2, 5), "shapes"))],
         ),
     ],
 )

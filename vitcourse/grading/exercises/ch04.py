@@ -1,16 +1,20 @@
 """Chapter 4 exercises (the Vision Transformer): public spec.
 
 Students write ``embed_tokens`` (CLS token and positions), assemble ``ViT`` with
-timm's parameter names, count its parameters by formula, and build ``MeanPoolViT``,
-the variant without a CLS token that classifies the average token. The grading sandbox
+timm's parameter names, count its parameters by formula, and derive the floating-point
+operations of its forward pass (``vit_flops``), graded against what PyTorch's own
+``FlopCounterMode`` counts on the meta device, at sizes no machine here could run. The grading sandbox
 exposes the earlier chapters' modules (attention, patches, encoder), not
 :mod:`vitcourse.vit`.
 """
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from torch import nn
 
 from vitcourse.vit import VisionTransformer, ViTConfig, count_parameters
@@ -33,24 +37,9 @@ def tokens_case(batch: int, n: int, dim: int):
     return build
 
 
-class MeanPoolReference(VisionTransformer):
-    """The course's ViT without its CLS token: positions for the N patches, the head reads the mean final token."""
-
-    def __init__(self, config: ViTConfig) -> None:
-        super().__init__(config)
-        del self.cls_token
-        self.pos_embed = nn.Parameter(torch.zeros(1, config.num_patches, config.dim))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, num_classes)
-        x = self.patch_embed(images) + self.pos_embed  # (B, N, D)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x).mean(dim=1))
-
-
 def vit_case(config: ViTConfig, batch: int = 2, what: str = "forward", name: str = "ViT",
              reference=VisionTransformer):
-    """The student's ``name(**sizes)`` (``ViT``, ``MeanPoolViT``) with the weights of ``reference(config)``."""
+    """The student's ``name(**sizes)`` with the weights of ``reference(config)``."""
     sizes = {k: getattr(config, k) for k in SIZES}
 
     def build(rng: np.random.Generator) -> Case:
@@ -66,11 +55,6 @@ def vit_case(config: ViTConfig, batch: int = 2, what: str = "forward", name: str
     return build
 
 
-def mean_pool_case(config: ViTConfig, batch: int = 2, what: str = "forward"):
-    """``vit_case`` for the student's ``MeanPoolViT``."""
-    return vit_case(config, batch, what, name="MeanPoolViT", reference=MeanPoolReference)
-
-
 def count_case(config: ViTConfig):
     """``vit_parameter_count(...)`` against the parameters of the course's model."""
     sizes = {k: getattr(config, k) for k in SIZES if k != "heads"}
@@ -81,7 +65,33 @@ def count_case(config: ViTConfig):
     return build
 
 
+@functools.lru_cache(maxsize=32)
+def measured_flops(config: ViTConfig) -> int:
+    """Floating-point operations of one image's forward pass through the course's ViT, as
+    ``torch.utils.flop_counter.FlopCounterMode`` counts them (2 per multiply-add of every matrix
+    product and convolution; nothing for norms, softmax, GELU, additions or biases). The model
+    and the image live on the meta device: no memory, no arithmetic, any size."""
+    with torch.device("meta"):
+        model = VisionTransformer(config)
+        image = torch.empty(1, config.in_channels, config.image_size, config.image_size)
+        with FlopCounterMode(display=False) as counter:
+            model(image)
+    return int(counter.get_total_flops())
+
+
+def flops_case(config: ViTConfig):
+    """``vit_flops(...)`` against the operations PyTorch counts for the course's model."""
+    sizes = {k: getattr(config, k) for k in SIZES if k != "heads"}
+
+    def build(rng: np.random.Generator) -> Case:
+        return Case(call("vit_flops", **sizes), measured_flops(config), exact())
+
+    return build
+
+
 SMALL = ViTConfig(image_size=8, patch_size=4, in_channels=3, num_classes=5, dim=16, depth=2, heads=4, mlp_dim=32)
+FLOPS_SMALL = ViTConfig(image_size=32, patch_size=8, in_channels=3, num_classes=10, dim=24, depth=3, heads=4,
+                        mlp_dim=96)  # an MLP four times as wide as the tokens, as in every standard ViT
 
 CHAPTER = Chapter(
     name="ch04",
@@ -95,7 +105,7 @@ CHAPTER = Chapter(
             public=[Check("a (2, 4, 8) batch of patch tokens", tokens_case(2, 4, 8))],
         ),
         Exercise(
-            id="4.2", title="Assembling the ViT", points=5, answers=("ViT",),
+            id="4.2", title="Assembling the ViT", points=4, answers=("ViT",),
             statement="Write the nn.Module ViT(image_size, patch_size, in_channels, num_classes, dim, depth, heads, "
                       "mlp_dim) with timm's names (patch_embed.proj, cls_token, pos_embed, blocks.i..., norm, head) "
                       "and LayerNorm eps 1e-6; forward maps images to (B, num_classes) logits from the CLS token.",
@@ -111,15 +121,14 @@ CHAPTER = Chapter(
             forbidden=("timm", "ViT", "torch.nn", ".parameters", ".numel", ".state_dict", "vitcourse"),
         ),
         Exercise(
-            id="4.4", title="A ViT without a CLS token", points=3, answers=("MeanPoolViT",),
-            statement="Write the nn.Module MeanPoolViT with ViT's arguments and names but no cls_token: pos_embed "
-                      "has shape (1, N, dim) and is added to the N patch tokens, and the head classifies the "
-                      "average over the tokens of norm(output of the last block), (B, N, dim) -> (B, dim) -> "
-                      "(B, num_classes).",
-            public=[Check("the logits of a small mean-pool ViT with the grader's weights", mean_pool_case(SMALL)),
-                    Check("the parameter names and shapes of a small mean-pool ViT",
-                          mean_pool_case(SMALL, what="shapes"))],
-            forbidden=("timm", "vitcourse.vit", "torchvision"),
+            id="4.4", title="Derive the cost of a forward pass", points=4, answers=("vit_flops",),
+            statement="Write vit_flops(image_size, patch_size, in_channels, num_classes, dim, depth, mlp_dim): the "
+                      "floating-point operations of one image's forward pass through your ViT, from a formula, "
+                      "counted as torch.utils.flop_counter.FlopCounterMode counts them: 2 per multiply-add of "
+                      "every matrix product (linear layers, q k^T, weights v) and of the patch convolution; "
+                      "nothing for norms, softmax, GELU, additions and biases. Build no model, count nothing.",
+            public=[Check("the cost of a small ViT (32 px, 8 px patches, 3 blocks)", flops_case(FLOPS_SMALL))],
+            forbidden=("timm", "torch", "vitcourse", "ViT", "fvcore", "thop", "ptflops"),
         ),
     ],
 )

@@ -2,8 +2,10 @@
 
 Students write, in ``jax.numpy``, the pieces of chapter 7: layer normalisation and
 self-attention for one sequence on pytree parameters, the patch-embedding kernel
-ported from a ``Conv2d`` weight, a loss written for one example and batched with
-``jax.vmap``, its gradient, and momentum SGD as a tree map. Expected values come from
+ported from a ``Conv2d`` weight, a prediction and a measurement of how often ``jax.jit``
+traces (exercise 7.4: the count is the number of distinct shape and dtype pairs among the
+arguments), a loss written for one example and batched with ``jax.vmap``, its gradient,
+and momentum SGD as a tree map. Expected values come from
 PyTorch (``F.layer_norm``, :class:`vitcourse.attention.MultiHeadSelfAttention`,
 ``F.conv2d``, ``F.cross_entropy`` and autograd, ``torch.optim.SGD``), never from
 :mod:`vitcourse.jax_vit`, which the grading sandbox does not expose. Exercise 7.6, attention over
@@ -22,7 +24,7 @@ from vitcourse.encoder import LAYER_NORM_EPS
 from vitcourse.patches import image_to_patches
 
 from ..runtime import arr, call
-from ..spec import Case, Chapter, Check, Comparison, Exercise, allclose
+from ..spec import Case, Chapter, Check, Comparison, Exercise, allclose, exact
 from ._common import randn, randomised, t
 
 
@@ -179,6 +181,34 @@ def loss_case(batch: int, shape: tuple[int, ...], classes: int, what: str = "los
     return build
 
 
+# ---------------------------------------------------------------- 7.4 predict, then measure: how often jit traces
+
+PREDICTED_TRACES = 4
+"""The answer of 7.4's scenario: batches of 64 then a last batch of 40 (1,000 images), three times over,
+then batches of 256 and a last one of 232: four distinct batch shapes, so four traces; repeating an
+epoch adds none. An integer count, so the prediction must be exact (tolerance 0)."""
+
+
+def traces_case(shapes: list[tuple[tuple[int, ...], str]]):
+    """``count_traces(arrays)`` for arrays of the given shapes and dtypes (NumPy names), in this order.
+
+    ``jax.jit`` keeps one compiled version per distinct (shape, dtype) of its argument; none of these
+    arrays is weakly typed, so that is the number of traces.
+    """
+
+    def build(rng: np.random.Generator) -> Case:
+        arrays = [jx((randn(rng, *shape) * 3).astype(dtype)) for shape, dtype in shapes]
+        distinct = len({(tuple(shape), np.dtype(dtype).name) for shape, dtype in shapes})
+        return Case(call("count_traces", arrays), distinct, exact())
+
+    return build
+
+
+def prediction_case(rng: np.random.Generator) -> Case:
+    """The student's written prediction for the statement's scenario."""
+    return Case(call("predicted_traces"), PREDICTED_TRACES, exact())
+
+
 def _jax_tree(tree: dict) -> dict:
     """The exercise's pytree of NumPy arrays as JAX inputs."""
     return {key: _jax_tree(value) if isinstance(value, dict) else jx(value) for key, value in tree.items()}
@@ -250,20 +280,29 @@ CHAPTER = Chapter(
             public=[Check("D = 6, 3 channels, patch 4", patch_kernel_case(6, 3, 4))],
         ),
         Exercise(
-            id="7.4", title="A loss for one example, batched with vmap", points=3,
-            answers=("example_loss", "batch_loss"),
-            statement="For the linear classifier logits = image.reshape(-1) @ p['w'] + p['b'], write "
-                      "example_loss(p, image, label) (the cross-entropy of ONE image and its integer label) and "
-                      "batch_loss(p, images, labels): the mean of example_loss over the batch, using jax.vmap.",
-            public=[Check("8 images of shape (2, 4, 4), 5 classes", loss_case(8, (2, 4, 4), 5))],
+            id="7.4", title="Predict, then measure: how often does jit trace?", points=4,
+            answers=("predicted_traces", "count_traces"),
+            statement="First write predicted_traces(): a function that returns your prediction, an int, of how many "
+                      "times jax.jit traces a function called on batches of 64 images then a last batch of 40 "
+                      "(1,000 images), for three epochs, then on batches of 256 and a last one of 232. Then write "
+                      "count_traces(arrays): jit a function that counts its own traces, call it once on each array "
+                      "of the list in order, and return the count it measured. The prediction is graded once, "
+                      "exactly; the measurement on lists of arrays you do not see.",
+            public=[Check("three arrays, two of them the same shape",
+                          traces_case([((4, 3), "float32"), ((2, 3), "float32"), ((4, 3), "float32")]))],
         ),
         Exercise(
-            id="7.5", title="Gradients and a tree-map optimizer", points=3, answers=("batch_grad", "sgd_momentum"),
-            statement="Write batch_grad(p, images, labels): the gradient of batch_loss with respect to p (a dict "
-                      "like p), with jax.grad; and sgd_momentum(params, grads, velocity, lr, momentum) returning "
+            id="7.5", title="A vmapped loss, its gradient and a tree-map optimizer", points=3,
+            answers=("example_loss", "batch_loss", "batch_grad", "sgd_momentum"),
+            statement="For the linear classifier logits = image.reshape(-1) @ p['w'] + p['b'], write "
+                      "example_loss(p, image, label) (the cross-entropy of ONE image and its integer label), "
+                      "batch_loss(p, images, labels) (its mean over the batch, with jax.vmap), "
+                      "batch_grad(p, images, labels) (the gradient of batch_loss with respect to p, a dict like p, "
+                      "with jax.grad) and sgd_momentum(params, grads, velocity, lr, momentum) returning "
                       "(new_params, new_velocity) with velocity = momentum * velocity + grad and "
                       "params = params - lr * velocity for every leaf of the pytrees, with jax.tree.map.",
-            public=[Check("the gradient for 8 images, 5 classes", loss_case(8, (2, 4, 4), 5, what="grad")),
+            public=[Check("the loss of 8 images of shape (2, 4, 4), 5 classes", loss_case(8, (2, 4, 4), 5)),
+                    Check("the gradient for 8 images, 5 classes", loss_case(8, (2, 4, 4), 5, what="grad")),
                     Check("one momentum step on a nested pytree", momentum_case(0.1, 0.9))],
         ),
         Exercise(

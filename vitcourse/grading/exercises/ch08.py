@@ -1,7 +1,7 @@
 """Chapter 8 exercises (pretrained models): public spec.
 
-Students write three pieces of using and adapting a pretrained ViT: the top-k class
-probabilities of a classifier, resizing the learned position grid for another image size, and
+Students write pieces of using and adapting a pretrained ViT: the top-k class
+probabilities of a classifier (fixing the two bugs of a given version), resizing the learned position grid for another image size, and
 training a linear probe on frozen features. The expected values come from ``torch.softmax``
 and ``torch.topk``, the course's :func:`vitcourse.pretrained.resize_pos_embed`, and full-batch
 gradient descent with PyTorch's autograd and ``F.cross_entropy``.
@@ -23,11 +23,14 @@ from ..spec import Case, Chapter, Check, Comparison, Exercise, allclose
 from ._common import randn, t
 
 
-def topk_case(batch: int, classes: int, k: int, scale: float = 3.0):
-    """``top_k(logits, k)`` against ``torch.softmax(logits, -1).topk(k)``."""
+def topk_case(batch: int, classes: int, k: int, scale: float = 3.0, class_zero_first: bool = False):
+    """``top_k(logits, k)`` against ``torch.softmax(logits, -1).topk(k)``; ``class_zero_first``: class 0
+    is every row's most probable class."""
 
     def build(rng: np.random.Generator) -> Case:
         logits = randn(rng, batch, classes, scale=scale)
+        if class_zero_first:
+            logits[:, 0] = logits.max(axis=1) + 1.0
         values, indices = torch.softmax(t(logits), dim=-1).topk(k, dim=-1)
         return Case(call("top_k", arr(logits), k), (values.numpy(), indices.numpy()),
                     allclose(atol=1e-6, rtol=1e-5))
@@ -140,12 +143,12 @@ CHAPTER = Chapter(
     sandbox_modules=(),
     exercises=[
         Exercise(
-            id="8.1", title="Top-k probabilities", points=2, answers=("top_k",),
-            statement="Write top_k(logits, k): for logits (B, K), return (probabilities (B, k), indices (B, k)): "
-                      "the k largest softmax probabilities of each row in decreasing order and their class indices "
-                      "(int64); no torch.topk, torch.sort or torch.argsort.",
+            id="8.1", title="Find and fix: top-k probabilities", points=2, answers=("top_k",),
+            statement="The notebook's top_k_with_bugs(logits, k) has two bugs. Write top_k(logits, k) with them "
+                      "fixed: for logits (B, K), return (probabilities (B, k), indices (B, k)): the k largest "
+                      "softmax probabilities of each row (softmax over all K classes) in decreasing order and "
+                      "their class indices (int64). Graded on other k and K.",
             public=[Check("the top 5 of 1,000 classes for 4 images", topk_case(4, 1000, 5))],
-            forbidden=("timm", ".topk", ".sort", ".argsort"),
         ),
         Exercise(
             id="8.2", title="Resizing the position grid", points=3, answers=("resize_pos_embed",),
