@@ -70,7 +70,8 @@ def package_binds(names=ALLOWED) -> list[str]:
 def _parents(path: str) -> list[str]:
     """``--dir`` with mode 0755 for every folder above ``path`` (bwrap would make them 0700)."""
     parts = Path(path).parts[1:-1]
-    return [a for i in range(len(parts)) for a in ("--perms", "0755", "--dir", "/" + "/".join(parts[: i + 1]))]
+    folders = ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
+    return [a for folder in folders if folder != "/tmp" for a in ("--perms", "0755", "--dir", folder)]  # /tmp: 1777
 
 
 def bwrap_command(view: Path, chapter_preload: str) -> list[str]:
@@ -79,7 +80,9 @@ def bwrap_command(view: Path, chapter_preload: str) -> list[str]:
     root = os.geteuid() == 0
     args = ["bwrap", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
             *([] if root else ["--unshare-user"]), "--die-with-parent", "--new-session",
-            "--ro-bind", "/usr", "/usr"]
+            "--ro-bind", "/usr", "/usr",
+            # /tmp first: the binds below may lie under it (a checkout or virtualenv in /tmp) and must stay visible.
+            "--perms", "1777", "--tmpfs", "/tmp"]
     for top in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         if os.path.islink("/" + top):
             args += ["--symlink", os.readlink("/" + top), "/" + top]
@@ -91,7 +94,7 @@ def bwrap_command(view: Path, chapter_preload: str) -> list[str]:
     if os.path.exists("/etc/ld.so.cache"):
         args += [*_parents("/etc/ld.so.cache"), "--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     args += [*package_binds(ALLOWED + (("jax",) if "jax" in chapter_preload else ())),
-             "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
+             "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
              "--ro-bind", str(view), "/grader", "--chdir", "/tmp"]
     return args
 
