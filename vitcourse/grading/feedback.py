@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..utils import atomic_write
+from .notebook import visible
 from .spec import Chapter
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -29,7 +30,9 @@ td, th { border-bottom: 1px solid #ddd; padding: .35rem .5rem; text-align: left;
 
 def render_feedback(result: "StudentResult", chapter: Chapter) -> str:
     """The HTML feedback page of one student (everything escaped)."""
-    e = html.escape
+    def e(text) -> str:  # escaped for HTML, and no character that reorders or hides text (U+202E, ...)
+        return html.escape(visible(text))
+
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>Feedback: {e(result.student)}, {e(chapter.title)}</title><style>{_STYLE}</style></head><body>",

@@ -28,10 +28,24 @@ def utf8(text: str) -> str:
     return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
+_HIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]")
+"""Characters that do not show as themselves: C0/C1 controls, line and paragraph separators, zero-width and
+direction controls (U+202A-202E, U+2066-2069, ...), which could make a name or message read as something else."""
+
+
+def _escape(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def visible(text: str) -> str:
+    """``text`` with every character of :data:`_HIDDEN` except the newline shown escaped (``\\u202e``)."""
+    return _HIDDEN.sub(lambda m: m.group() if m.group() == "\n" else _escape(m), utf8(str(text)))
+
+
 def clean(text, limit: int = 400) -> str:
-    """``text`` on one printable line (surrogates and control characters replaced), at most ``limit`` characters."""
-    text = utf8(str(text))
-    text = re.sub(r"[\x00-\x1f\x7f]", "\N{REPLACEMENT CHARACTER}", text)
+    """``text`` on one printable line, at most ``limit`` characters: surrogates replaced, and control, separator,
+    zero-width and direction-control characters shown escaped (``\\u202e``), so nothing can reorder or hide text."""
+    text = _HIDDEN.sub(_escape, utf8(str(text)))
     return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
