@@ -22,6 +22,7 @@ import pytest
 
 from vitcourse.grading.batch import grade_folder, student_key
 from vitcourse.grading.grader import HIDDEN_FAILED, Limits, build_units
+from vitcourse.grading.inside import SCRATCH
 from vitcourse.grading.runtime import call
 from vitcourse.grading.sandbox import Zygote, build_view, bwrap_status
 from vitcourse.grading.spec import chapter_names, hidden_folder, load_chapter
@@ -232,7 +233,7 @@ def run_probe(source: str) -> object:
     with tempfile.TemporaryDirectory() as tmp:
         zygote = Zygote(build_view(Path(tmp) / "view", ()), "torch", slot=1, sandboxed=SANDBOX)
         job = {"statements": [{"id": "s0", "src": source, "cell": 1, "line": 1, "definition": True}],
-               "setup_seconds": 10, "budgets": {"x": 20}, "memory": 2**30, "workdir": "/tmp" if SANDBOX else tmp,
+               "setup_seconds": 10, "budgets": {"x": 20}, "memory": 2**30, "workdir": SCRATCH if SANDBOX else tmp,
                "public": [{"id": "c0", "exercise": "x", "task": call("probe")}]}
         try:
             zygote.start()
@@ -260,7 +261,13 @@ def probe():
     except OSError:
         seen.append(False)
     libc = ctypes.CDLL(None, use_errno=True)
-    seen.append(libc.umount2(b"/tmp", 2) == 0 or libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) == 0)
+    for folder in (b"/tmp", b"/scratch"):
+        seen.append(libc.umount2(folder, 2) == 0 or libc.mount(b"none", folder, b"tmpfs", 0, None) == 0)
+    try:  # the sandbox's /tmp is read-only: the only writable folder is the run's own scratch
+        open("/tmp/x", "w").close()
+        seen.append(True)
+    except OSError:
+        seen.append(False)
     seen.append(os.getuid() == 0)
     try:
         pid = os.fork()  # a check may start threads, never processes
@@ -271,7 +278,7 @@ def probe():
     seen.append(pid > 0)
     return seen
 """
-    assert run_probe(probe) == [False] * (len(paths) + 7)
+    assert run_probe(probe) == [False] * (len(paths) + 9)
 
 
 def test_the_runner_gives_a_check_nothing_but_its_own_pipe():

@@ -32,6 +32,9 @@ def test_the_environment_is_bound_after_the_sandbox_tmp(monkeypatch, tmp_path, p
     assert tmp_at < prefix_at, "a later tmpfs on /tmp would hide an environment that lives under /tmp"
     assert ("--dir", "/tmp") not in mounts  # /tmp keeps its sticky, world-writable mode
     assert args[args.index("--tmpfs") - 1] == "1777"
+    # The environment's /tmp is read-only inside: submissions write only to their own fresh scratch folder.
+    remounts = [args[i + 1] for i, a in enumerate(args) if a == "--remount-ro"]
+    assert "/tmp" in remounts
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")

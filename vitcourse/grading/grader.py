@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .inside import SCRATCH
 from .notebook import Statement, clean, read_notebook, rule_findings, select_statements
 from .runtime import decode, encode
 from .spec import Case, Chapter, load_hidden, seed_for
@@ -191,7 +192,7 @@ class Grader:
             job = {"statements": [s.job() for s in statements if s.id not in skipped],
                    "setup_seconds": min(self.limits.setup_seconds, left), "budgets": budgets,
                    "public": [u.job() for u in pending if not u.hidden], "memory": self.limits.memory,
-                   "workdir": "/tmp" if self.zygote.sandboxed else None, "processes": 512}
+                   "workdir": SCRATCH if self.zygote.sandboxed else None, "processes": 512}
             run_seconds = self.limits.start_seconds + self.limits.setup_seconds + sum(max(b, 0) for b in budgets.values())
             started = time.monotonic()
             records, ended = self.zygote.run(job, [u.job() for u in pending if u.hidden],

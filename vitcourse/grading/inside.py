@@ -5,7 +5,8 @@ bubblewrap when it can. The zygote drops to the worker's unprivileged uid when s
 root, imports torch (and JAX) once, and then, for every submission, forks a process that
 
 1. enters new user, mount, IPC, network, UTS and PID namespaces and mounts an empty
-   ``/tmp`` of its own, so nothing of one submission is visible to the next;
+   :data:`SCRATCH` of its own (its home, working folder and ``TMPDIR``), so nothing of one
+   submission is visible to the next (the sandbox's ``/tmp`` is read-only);
 2. forks the *runner*, PID 1 of the new PID namespace, which enters one more user
    namespace (so it holds no capability over anything it can reach), applies resource
    limits, and runs the notebook statements the grader selected, each setup statement
@@ -56,12 +57,17 @@ def _enter_user_namespace(extra: int = 0) -> None:
             f.write(text)
 
 
+SCRATCH = "/scratch"
+"""Inside the sandbox, the one writable folder: a fresh tmpfs per submission. Not ``/tmp``, because the Python
+environment may live under ``/tmp`` (a checkout made with ``mktemp``), and a tmpfs there would hide it."""
+
+
 def isolate() -> None:
     """Steps 1-2 of the module docstring for the calling (single-threaded, forked) process."""
     _libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: needed to write our own uid_map
     _enter_user_namespace(NEW["mount"] | NEW["ipc"] | NEW["net"] | NEW["uts"] | NEW["pid"])
     _sys(_libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "making mounts private")  # MS_REC|MS_PRIVATE
-    _sys(_libc.mount(b"tmpfs", b"/tmp", b"tmpfs", 2 | 4, b"size=256m,mode=1777"), "mounting /tmp")
+    _sys(_libc.mount(b"tmpfs", SCRATCH.encode(), b"tmpfs", 2 | 4, b"size=256m,mode=1777"), f"mounting {SCRATCH}")
 
 
 def _write(fd: int, record: dict) -> None:

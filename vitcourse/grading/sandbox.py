@@ -31,6 +31,8 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from .inside import SCRATCH
+
 PACKAGE = Path(__file__).resolve().parent.parent  # .../vitcourse
 ALLOWED = ("torch", "numpy", "einops", "pyseccomp")
 MAX_OUTPUT = 64 * 2**20  # bytes one run may write
@@ -94,8 +96,8 @@ def bwrap_command(view: Path, chapter_preload: str) -> list[str]:
     if os.path.exists("/etc/ld.so.cache"):
         args += [*_parents("/etc/ld.so.cache"), "--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     args += [*package_binds(ALLOWED + (("jax",) if "jax" in chapter_preload else ())),
-             "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
-             "--ro-bind", str(view), "/grader", "--chdir", "/tmp"]
+             "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/tmp",
+             "--perms", "0755", "--dir", SCRATCH, "--ro-bind", str(view), "/grader", "--chdir", "/"]
     return args
 
 
@@ -132,7 +134,7 @@ def bwrap_status() -> tuple[bool, str]:
         try:
             zygote.start(timeout=60)
             records, ended = zygote.run({"statements": [], "setup_seconds": 1, "public": [], "budgets": {},
-                                         "memory": 2**30, "workdir": "/tmp"}, [], time.monotonic() + 60)
+                                         "memory": 2**30, "workdir": SCRATCH}, [], time.monotonic() + 60)
         except (OSError, RuntimeError) as err:
             return False, f"bubblewrap cannot create a sandbox on this machine ({err})"
         finally:
@@ -156,7 +158,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         root = os.geteuid() == 0
         uid = [str(60000 + self.slot)] if root and self.sandboxed else []
-        self.home = "/tmp" if self.sandboxed else tempfile.mkdtemp(prefix="vitcourse-grading-")
+        self.home = SCRATCH if self.sandboxed else tempfile.mkdtemp(prefix="vitcourse-grading-")
         if not self.sandboxed:
             shutil.copytree(self.view, Path(self.home) / "grader")
         command = [sys.executable, "-s", "-m", "vitcourse.grading.inside", str(theirs.fileno()), self.preload, *uid]
@@ -165,7 +167,7 @@ class Zygote:
         log = None if os.environ.get("VITCOURSE_GRADING_DEBUG") else subprocess.DEVNULL
         self.proc = subprocess.Popen(command, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                                      stdout=log, stderr=log, env=environment(self.sandboxed, self.home),
-                                     cwd=self.home, start_new_session=True)
+                                     cwd="/" if self.sandboxed else self.home, start_new_session=True)
         theirs.close()
         self.control = ours
         if not select.select([ours], [], [], timeout)[0] or ours.recv(16) != b"ready":
