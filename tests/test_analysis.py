@@ -200,6 +200,20 @@ def test_position_code_tells_a_grid_from_a_centre_border_code_from_noise(seed):
         assert code.grid_null[1] > 0 and code.centre_null[1] > 0
     grid = position_code(_grid_code(seed))
     assert grid.grid > 0.5 and abs(grid.centre) < 0.1 and abs(grid.grid_null[0]) < 0.02
+    # the bar is z shuffled standard deviations above the shuffled mean: just below the score's own z, just above
+    own_z = (grid.grid - grid.grid_null[0]) / grid.grid_null[1]
+    assert position_code(_grid_code(seed), z=0.99 * own_z).grid_verdict == "higher"
+    assert position_code(_grid_code(seed), z=1.01 * own_z).grid_verdict == "noise"
+
+
+def test_vit_initial_positions_read_as_neither():
+    # the course's initialisation (trunc-normal, std 0.02) of a ViT's positions: independent random vectors
+    from vitcourse import ViTConfig, VisionTransformer
+
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = VisionTransformer(ViTConfig(image_size=32, patch_size=4, dim=96, depth=1, heads=4, mlp_dim=192))
+        assert position_code(model.pos_embed).kind == "neither", seed
 
 
 def test_position_code_kind_covers_every_verdict_pair():

@@ -27,6 +27,7 @@ __all__ = [
     "filter_components",
     "grid_score",
     "centre_score",
+    "POSITION_Z",
     "PositionCode",
     "position_code",
     "position_code_kind",
@@ -264,12 +265,19 @@ class PositionCode:
         return position_code_kind(self.grid_verdict, self.centre_verdict)
 
 
-def position_code(pos_embed: Tensor, shuffles: int = 200, seed: int = 0) -> PositionCode:
+POSITION_Z = 3.0
+"""Shuffled standard deviations a score of :func:`position_code` must clear. Stricter than
+:data:`vitcourse.stats.Z` because every embedding gets two tests and a page reads several
+embeddings: if the shuffled scores are normal, a random embedding clears 3 by chance in about one
+test in 740, and 2 in about one test in 44."""
+
+
+def position_code(pos_embed: Tensor, shuffles: int = 200, seed: int = 0, z: float = POSITION_Z) -> PositionCode:
     """Both scores of a positional embedding and whether each is beyond a random arrangement.
 
     The same vectors assigned to the positions in ``shuffles`` random orders give each score's noise:
-    a score counts (verdict ``"higher"``) when it exceeds the shuffled mean by at least
-    :data:`vitcourse.stats.Z` shuffled standard deviations.
+    a score counts (verdict ``"higher"``) when :func:`vitcourse.stats.compare` finds it at least ``z``
+    shuffled standard deviations above the shuffled mean (``"lower"``: as far below).
     """
     from .stats import Estimate, compare
 
@@ -290,7 +298,7 @@ def position_code(pos_embed: Tensor, shuffles: int = 200, seed: int = 0) -> Posi
     results = []
     for k in range(2):
         mean, sd = float(null[:, k].mean()), float(null[:, k].std(ddof=1))
-        results += [observed[k], (mean, sd), compare(Estimate(observed[k], 0.0), Estimate(mean, sd))]
+        results += [observed[k], (mean, sd), compare(Estimate(observed[k], 0.0), Estimate(mean, sd), z=z)]
     return PositionCode(*results)
 
 
