@@ -362,8 +362,19 @@ THINKING = [
         ([("tokens = patches + 1", "tokens = patches")], "public"),  # the CLS token forgotten
         ([("scores_and_mix = 2 * tokens * tokens * dim", "scores_and_mix = 0")], "public"),  # no q kᵀ, no weights v
         ([("return 2 * (embed", "return (embed")], "public"),  # multiply-adds, not operations
+        ([("return 2 * (2 * embed + 3 * rest)", "return 3 * 2 * (embed + rest)")],
+         "public"),  # a training step as three forward passes: the image's gradient counted
+        ([("return 2 * (2 * embed + 3 * rest)", "return 2 * (2 * embed + 2 * rest)")],
+         "public"),  # the backward pass as one product per forward product
         ([("mlp = 2 * tokens * dim * mlp_dim", "mlp = 2 * tokens * dim * 4 * dim")], "hidden"),  # a 4x MLP assumed
         ([("(patch_size * patch_size * in_channels)", "(patch_size * patch_size * 3)")], "hidden"),  # RGB only
+    ]),
+    ("ch05", "5.5", "smoothing_optimum", [
+        ([("true, other = 1 - eps + eps / k, eps / k", "true, other = 1 - eps, eps / k")],
+         "public"),  # the true class's share of the spread mass forgotten
+        ([("- (k - 1) * other", "- k * other")], "public"),  # K wrong classes in the entropy
+        ([("true, other = 1 - eps + eps / k, eps / k", "true, other = 1 - eps, eps / (k - 1)")],
+         "public"),  # the other convention: the spread only over the wrong classes
     ]),
     # Predict, then measure: a measurement blind to dtypes, and the two likeliest wrong predictions.
     ("ch07", "7.4", "count_traces", [

@@ -1,5 +1,5 @@
 """Chapter 4 hidden checks: other depths and sizes, grey images; for the cost of a forward pass, a narrow MLP,
-grey images, and models far too large to run here (ViT-H/14 at 518 px, a 22-billion-parameter ViT, 1,024 px images)."""
+grey images, training steps, and models far too large to run here (ViT-H/14 at 518 px, a 22-billion-parameter ViT, 1,024 px images)."""
 
 from vitcourse.vit import ViTConfig
 
@@ -29,9 +29,11 @@ HIDDEN = {
         Check("the count of a grey 3-block ViT", count_case(GREY)),
     ],
     "4.4": [
-        Check("the cost of a grey 3-block ViT whose MLP is twice as wide as its tokens", flops_case(GREY)),
-        Check("the cost of ViT-H/14 at 518 px", flops_case(HUGE_518)),
-        Check("the cost of a ViT with 22 billion parameters", flops_case(GIANT)),
-        Check("the cost of ViT-B/16 on 1,024 px images (4,097 tokens)", flops_case(LARGE_1024)),
+        Check("the forward pass of a grey 3-block ViT whose MLP is twice as wide as its tokens", flops_case(GREY)),
+        Check("a training step of the same grey ViT", flops_case(GREY, training=True)),
+        Check("the forward pass of ViT-H/14 at 518 px", flops_case(HUGE_518)),
+        Check("a training step of a ViT with 22 billion parameters", flops_case(GIANT, training=True)),
+        Check("the forward pass of ViT-B/16 on 1,024 px images (4,097 tokens)", flops_case(LARGE_1024)),
+        Check("a training step of ViT-B/16 on 1,024 px images", flops_case(LARGE_1024, training=True)),
     ],
 }

@@ -2,7 +2,7 @@
 
 Students write ``embed_tokens`` (CLS token and positions), assemble ``ViT`` with
 timm's parameter names, count its parameters by formula, and derive the floating-point
-operations of its forward pass (``vit_flops``), graded against what PyTorch's own
+operations of its forward pass and of a training step (``vit_flops``), graded against what PyTorch's own
 ``FlopCounterMode`` counts on the meta device, at sizes no machine here could run. The grading sandbox
 exposes the earlier chapters' modules (attention, patches, encoder), not
 :mod:`vitcourse.vit`.
@@ -66,25 +66,29 @@ def count_case(config: ViTConfig):
 
 
 @functools.lru_cache(maxsize=32)
-def measured_flops(config: ViTConfig) -> int:
-    """Floating-point operations of one image's forward pass through the course's ViT, as
+def measured_flops(config: ViTConfig, training: bool = False) -> int:
+    """Floating-point operations for one image through the course's ViT, as
     ``torch.utils.flop_counter.FlopCounterMode`` counts them (2 per multiply-add of every matrix
-    product and convolution; nothing for norms, softmax, GELU, additions or biases). The model
-    and the image live on the meta device: no memory, no arithmetic, any size."""
+    product and convolution; nothing for norms, softmax, GELU, additions or biases): the forward
+    pass, or with ``training`` the forward and the backward pass of ``logits.sum()``, which
+    computes every parameter's gradient and no gradient for the image. The model and the image
+    live on the meta device: no memory, no arithmetic, any size."""
     with torch.device("meta"):
         model = VisionTransformer(config)
         image = torch.empty(1, config.in_channels, config.image_size, config.image_size)
         with FlopCounterMode(display=False) as counter:
-            model(image)
+            logits = model(image)
+            if training:
+                logits.sum().backward()
     return int(counter.get_total_flops())
 
 
-def flops_case(config: ViTConfig):
-    """``vit_flops(...)`` against the operations PyTorch counts for the course's model."""
+def flops_case(config: ViTConfig, training: bool = False):
+    """``vit_flops(..., training=training)`` against the operations PyTorch counts for the course's model."""
     sizes = {k: getattr(config, k) for k in SIZES if k != "heads"}
 
     def build(rng: np.random.Generator) -> Case:
-        return Case(call("vit_flops", **sizes), measured_flops(config), exact())
+        return Case(call("vit_flops", **sizes, training=training), measured_flops(config, training), exact())
 
     return build
 
@@ -99,7 +103,7 @@ CHAPTER = Chapter(
     sandbox_modules=("attention", "patches", "encoder"),
     exercises=[
         Exercise(
-            id="4.1", title="CLS token and positions", points=2, answers=("embed_tokens",),
+            id="4.1", title="CLS token and positions", points=1, answers=("embed_tokens",),
             statement="Write embed_tokens(patch_tokens, cls_token, pos_embed): put the (1, 1, D) CLS token in "
                       "front of each sequence of (B, N, D) patch tokens and add the (1, N + 1, D) positions.",
             public=[Check("a (2, 4, 8) batch of patch tokens", tokens_case(2, 4, 8))],
@@ -114,20 +118,24 @@ CHAPTER = Chapter(
             forbidden=("timm", "vitcourse.vit", "torchvision"),
         ),
         Exercise(
-            id="4.3", title="Counting parameters", points=2, answers=("vit_parameter_count",),
+            id="4.3", title="Counting parameters", points=1, answers=("vit_parameter_count",),
             statement="Write vit_parameter_count(image_size, patch_size, in_channels, num_classes, dim, depth, "
                       "mlp_dim) returning the number of parameters of that ViT, from a formula (build no model).",
             public=[Check("the count of a small ViT", count_case(SMALL))],
             forbidden=("timm", "ViT", "torch.nn", ".parameters", ".numel", ".state_dict", "vitcourse"),
         ),
         Exercise(
-            id="4.4", title="Derive the cost of a forward pass", points=4, answers=("vit_flops",),
-            statement="Write vit_flops(image_size, patch_size, in_channels, num_classes, dim, depth, mlp_dim): the "
-                      "floating-point operations of one image's forward pass through your ViT, from a formula, "
-                      "counted as torch.utils.flop_counter.FlopCounterMode counts them: 2 per multiply-add of "
-                      "every matrix product (linear layers, q k^T, weights v) and of the patch convolution; "
-                      "nothing for norms, softmax, GELU, additions and biases. Build no model, count nothing.",
-            public=[Check("the cost of a small ViT (32 px, 8 px patches, 3 blocks)", flops_case(FLOPS_SMALL))],
+            id="4.4", title="Derive the cost of a forward pass and of a training step", points=6,
+            answers=("vit_flops",),
+            statement="Write vit_flops(image_size, patch_size, in_channels, num_classes, dim, depth, mlp_dim, "
+                      "training=False): the floating-point operations for one image through your ViT, from a "
+                      "formula: the forward pass, or with training=True the forward and backward pass (every "
+                      "parameter's gradient, none for the image). Count as torch.utils.flop_counter.FlopCounterMode "
+                      "does: 2 per multiply-add of every matrix product (linear layers, q k^T, weights v) and of "
+                      "the patch convolution; nothing for norms, softmax, GELU, additions and biases. Build no "
+                      "model, count nothing.",
+            public=[Check("the forward pass of a small ViT (32 px, 8 px patches, 3 blocks)", flops_case(FLOPS_SMALL)),
+                    Check("a training step of the same ViT", flops_case(FLOPS_SMALL, training=True))],
             forbidden=("timm", "torch", "vitcourse", "ViT", "fvcore", "thop", "ptflops"),
         ),
     ],

@@ -6,12 +6,16 @@ label-smoothed cross-entropy, and the confusion matrix. The expected values come
 the course's training code (:func:`vitcourse.train.learning_rates`), from PyTorch's own
 ``F.cross_entropy(label_smoothing=...)`` and from a direct count. Exercise 5.4 trains a
 small classifier: the grader draws the data, and the check is a property of the result
-(its accuracy on held-out points from the same generator), not a value to match.
+(its accuracy on held-out points from the same generator), not a value to match. Exercise
+5.5 derives where label smoothing leaves the logits; the expected values come from
+minimising PyTorch's own smoothed cross-entropy numerically (bisection on its autograd
+derivative), never from the closed form.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from vitcourse.train import TrainConfig, learning_rates
@@ -123,6 +127,43 @@ def training_case(kind: str, classes: int, dim: int, steps: int, scale: float = 
     return build
 
 
+def smoothing_optimum_reference(classes: int, smoothing: float) -> tuple[float, float]:
+    """``(gap, loss)`` at the minimum of the smoothed cross-entropy over logits, for 0 < smoothing < 1.
+
+    By symmetry and convexity the minimum has every wrong class's logit equal, so it lies on the
+    line ``(g, 0, ..., 0)`` with label 0. Bisection on the sign of ``d loss / d g`` (PyTorch's
+    autograd through ``F.cross_entropy(label_smoothing=...)``, float64) finds ``g``.
+    """
+
+    def loss_and_slope(g: float) -> tuple[float, float]:
+        gap = torch.tensor(g, dtype=torch.float64, requires_grad=True)
+        logits = torch.cat([gap[None], torch.zeros(classes - 1, dtype=torch.float64)])[None]
+        loss = F.cross_entropy(logits, torch.zeros(1, dtype=torch.long), label_smoothing=smoothing)
+        loss.backward()
+        return float(loss.detach()), float(gap.grad)
+
+    low, high = 0.0, 200.0
+    for _ in range(200):
+        middle = (low + high) / 2
+        if loss_and_slope(middle)[1] < 0:
+            low = middle
+        else:
+            high = middle
+    gap = (low + high) / 2
+    return gap, loss_and_slope(gap)[0]
+
+
+def smoothing_optimum_case(classes: int, smoothing: float):
+    """``smoothing_optimum(num_classes, smoothing)``: the logit gap and the loss at the minimum."""
+
+    def build(rng: np.random.Generator) -> Case:
+        gap, loss = smoothing_optimum_reference(classes, smoothing)
+        return Case(call("smoothing_optimum", classes, smoothing), [np.float64(gap), np.float64(loss)],
+                    allclose(atol=1e-6, rtol=1e-6))
+
+    return build
+
+
 CHAPTER = Chapter(
     name="ch05",
     title="Training a Vision Transformer",
@@ -161,6 +202,15 @@ CHAPTER = Chapter(
                       f"XOR clusters). The grader calls model.eval(), then model(x_val) on {HELD_OUT_POINTS} held-out "
                       f"points of the same generator, and needs an accuracy of at least {ACCURACY_REQUIRED:.0%}.",
             public=[Check("two rings in the plane, 100 steps", training_case("rings", 2, 2, 100))],
+        ),
+        Exercise(
+            id="5.5", title="Derive where label smoothing stops the logits", points=4,
+            answers=("smoothing_optimum",),
+            statement="Write smoothing_optimum(num_classes, smoothing) for 0 < smoothing < 1, returning the pair "
+                      "(gap, loss): over all logit vectors, the smallest value the label-smoothed cross-entropy of "
+                      "5.2 can take (loss), and at that minimum the true class's logit minus any other class's "
+                      "logit (gap). Graded to 1e-6 at class counts and smoothings you do not see.",
+            public=[Check("10 classes, smoothing 0.1", smoothing_optimum_case(10, 0.1))],
         ),
     ],
 )
