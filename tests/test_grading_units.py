@@ -442,3 +442,74 @@ def test_overlapping_patches_reference_agrees_with_the_course_when_they_do_not_o
     case = overlapping_case(2, 3, 12, 8, 4, 4)(np.random.default_rng(0))
     images = torch.from_numpy(case.task["args"][0]["$arr"])
     torch.testing.assert_close(torch.from_numpy(case.expected), image_to_patches(images, 4))
+
+
+# ---------------------------------------------------------------- what the exercises ask (book/instructors.md)
+
+KINDS = {"rebuild", "specification", "extend", "find and fix", "predict and measure", "derive", "design"}
+GUIDE = Path(__file__).resolve().parent.parent / "book" / "instructors.md"
+
+
+def _guide_table() -> dict[str, tuple[float, dict[str, tuple[float, str]]]]:
+    """``{chapter: (seconds per exercise, {id: (points, kind)})}`` from the instructor's guide."""
+    rows = {}
+    for line in GUIDE.read_text().splitlines():
+        row = re.fullmatch(r"\| (\d) \| (\d+(?:\.\d+)?) \| (.+) \|", line)
+        if row:
+            items = [re.fullmatch(r"(\d\.\d): (\d+(?:\.\d+)?), ([a-z ]+)", item.strip())
+                     for item in row.group(3).split(";")]
+            assert all(items), line
+            rows[f"ch{int(row.group(1)):02d}"] = (float(row.group(2)),
+                                                  {m.group(1): (float(m.group(2)), m.group(3)) for m in items})
+    return rows
+
+
+def test_the_guide_states_every_exercise_points_and_budget_as_the_specs_do():
+    table = _guide_table()
+    assert sorted(table) == chapter_names()
+    for name, (seconds, exercises) in table.items():
+        chapter = load_chapter(name)
+        assert seconds == chapter.exercise_seconds, name
+        assert {ex.id: float(ex.points) for ex in chapter.exercises} == {k: v[0] for k, v in exercises.items()}, name
+
+
+def test_at_most_half_of_each_chapters_points_rebuild_what_the_chapter_prints():
+    for name, (_, exercises) in _guide_table().items():
+        assert {kind for _, kind in exercises.values()} <= KINDS, name
+        total = sum(points for points, _ in exercises.values())
+        rebuilt = sum(points for points, kind in exercises.values() if kind == "rebuild")
+        assert rebuilt <= total / 2, (name, rebuilt, total)
+
+
+def test_every_exercise_that_asks_for_thinking_has_half_right_answers_that_fail():
+    tested = {exercise_id: mistakes for _, exercise_id, _, mistakes in THINKING}
+    tested_elsewhere = {"5.4", "6.4", "7.6", "8.4"}  # tests/test_grading_new_ch58.py
+    for _, (_, exercises) in _guide_table().items():
+        for exercise_id, (_, kind) in exercises.items():
+            if kind in {"find and fix", "predict and measure", "derive", "extend", "design"}:
+                assert exercise_id in tested_elsewhere or len(tested.get(exercise_id, [])) >= 2, exercise_id
+
+
+# The broken code each find-and-fix exercise hands out: (chapter, cell defining it, its name, the answer's name).
+GIVEN_BUGS = [
+    ("ch01", "attention_with_bugs", "attention"),
+    ("ch02", "BuggyPatchEmbed", "PatchEmbed"),
+    ("ch03", "BuggyBlock", "FixedBlock"),
+    ("ch08", "top_k_with_bugs", "top_k"),
+]
+
+
+@pytest.mark.parametrize(("chapter", "given", "answer"), GIVEN_BUGS, ids=[g[1] for g in GIVEN_BUGS])
+def test_the_broken_code_handed_out_fails_its_public_checks(chapter, given, answer):
+    namespace = _solution_namespace(chapter)
+    nb = json.loads((NOTEBOOKS / "solutions" / f"{chapter}_exercises.ipynb").read_text())
+    source = next("".join(c["source"]) for c in nb["cells"]
+                  if c["cell_type"] == "code" and re.search(rf"^(def|class) {given}\b", "".join(c["source"]), re.M))
+    assert "### BEGIN SOLUTION" not in source  # students see it whole
+    exec(source, namespace)  # noqa: S102 - the course's own (deliberately broken) code
+    namespace[answer] = namespace[given]
+    exercise_id = next(ex.id for ex in load_chapter(chapter).exercises if answer in ex.answers)
+    public, hidden = _failed_checks(chapter, exercise_id, namespace)
+    output_checks = [c.description for c in load_chapter(chapter).exercise(exercise_id).public
+                     if "names and shapes" not in c.description]
+    assert set(output_checks) <= set(public), (public, output_checks)
