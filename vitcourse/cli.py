@@ -110,8 +110,9 @@ def check_out_dir(path: str | os.PathLike, *, flag: str = "--out", data: str | o
     (("--chapter",), {"help": "ch01, ch02, ... (default: detected)"}),
     (("--time-limit",), {"type": float, "default": None,
                        "help": "wall-time seconds per exercise (default: the chapter's, 10 s; 30 s for chapter 7)"}),
-    (("--salt",), {"default": None, "help": "a secret that changes the hidden checks' inputs "
-                                            "(default: $VITCOURSE_GRADING_SALT, else none)"}),
+    (("--salt",), {"default": None, "help": "a secret that changes the hidden checks' inputs (default: "
+                                            "$VITCOURSE_GRADING_SALT, else a random one kept in OUT/grading-salt.txt "
+                                            "and reused by every run into OUT; --salt '' grades unsalted)"}),
     (("--no-progress",), {"action": "store_true", "help": "no progress bar"}),
     (("--hidden",), {"type": Path, "default": None,
                      "help": "the folder of hidden checks (default: grading/hidden of this repository, or $VITCOURSE_HIDDEN)"}),

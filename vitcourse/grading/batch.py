@@ -17,6 +17,8 @@ import json
 import os
 import queue
 import re
+import secrets
+import stat
 import sys
 import tempfile
 import threading
@@ -27,12 +29,16 @@ from pathlib import Path
 from ..utils import atomic_write
 from .feedback import write_feedback, write_summary
 from .grader import Grader, Limits, StudentResult, build_units
-from .notebook import _read_bytes, clean, read_notebook
+from .notebook import _read_bytes, clean, notebook_chapter
 from .sandbox import Zygote, build_view, bwrap_status
 from .spec import chapter_names, hidden_folder, load_chapter
 
 SALT_VARIABLE = "VITCOURSE_GRADING_SALT"
 """Environment variable holding the instructor's secret salt for hidden-check inputs."""
+
+SALT_FILE = "grading-salt.txt"
+"""In the output folder: the secret salt generated on the first run there (readable by its owner only), reused
+by every later run, so stored results stay valid. It is not a feedback file; never hand it out."""
 
 
 class GradingError(Exception):
@@ -64,6 +70,37 @@ def grader_version(hidden: Path | None, salt: str) -> str:
     for path in sorted(package.rglob("*.py")) + (sorted(hidden.glob("*.py")) if hidden else []):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def batch_salt(out: Path, given: str | None = None) -> tuple[str, str]:
+    """``(salt, where it comes from)``: ``given`` (``--salt``, even empty), else ``$VITCOURSE_GRADING_SALT``,
+    else the secret kept in ``out/grading-salt.txt``, generated there with :mod:`secrets` on the first run."""
+    if given is not None:
+        return given, "--salt"
+    if os.environ.get(SALT_VARIABLE):
+        return os.environ[SALT_VARIABLE], f"${SALT_VARIABLE}"
+    path = Path(out) / SALT_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise OSError("not a regular file")
+                salt = f.read(1001).decode("ascii").strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise GradingError(f"cannot read the grading salt {path} ({getattr(err, 'strerror', None) or err}); "
+                               "restore it, or pass --salt to choose one.") from None
+        if not 16 <= len(salt) <= 1000:
+            raise GradingError(f"the grading salt {path} is empty or damaged; restore it, or pass --salt to choose one.")
+        return salt, str(path)
+    except OSError as err:
+        raise GradingError(f"cannot create the grading salt {path} ({err.strerror}); pass --salt to choose one.") from None
+    salt = secrets.token_hex(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(salt + "\n")
+    return salt, f"{path} (new)"
 
 
 def find_submissions(folder: Path) -> list[Path]:
@@ -142,7 +179,7 @@ def choose_chapter(files: list[Path], chapter: str | None) -> str:
         return chapter
     votes: dict[str, int] = {}
     for f in files[:50]:
-        name = read_notebook(f).chapter
+        name = notebook_chapter(f)
         if name in known:
             votes[name] = votes.get(name, 0) + 1
     if not votes:
@@ -176,7 +213,7 @@ def grade_folder(submissions, out, workers: int | None = None, force: bool = Fal
         sys.stderr.write("NO SANDBOX: student code will run as you, with resource limits only; "
                          "it can read and change your files.\n")
     _check_out(out)
-    salt = os.environ.get(SALT_VARIABLE, "") if salt is None else salt
+    salt, _ = batch_salt(out, salt)
     version = grader_version(folder, salt)
     points = {ex.id: ex.points for ex in spec.exercises}
     results, pending = {}, []
