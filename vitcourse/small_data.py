@@ -86,16 +86,19 @@ class ShiftedPatchTokenization(_Tokenizer):
     Args:
         image_size, patch_size, in_channels, dim: ``H = W``, ``P`` (dividing ``H``), ``C`` and
             ``D``, as for :class:`~vitcourse.patches.PatchEmbed`.
+        norm: ``False`` drops the LayerNorm (``norm`` becomes the identity, no parameters), so an
+            experiment can tell what the normalisation does from what the shifts do. ``ViTConfig``
+            has no field for it: build the module directly and put it in a model's ``patch_embed``.
 
     Shapes:
         ``(B, C, H, W)`` -> ``(B, N, D)`` with ``N = (H / P) ** 2``.
     """
 
-    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int) -> None:
+    def __init__(self, image_size: int, patch_size: int, in_channels: int, dim: int, norm: bool = True) -> None:
         super().__init__(image_size, patch_size, in_channels)
         self.shift = patch_size // 2
         features = 5 * in_channels * patch_size * patch_size
-        self.norm = nn.LayerNorm(features, eps=LAYER_NORM_EPS)
+        self.norm = nn.LayerNorm(features, eps=LAYER_NORM_EPS) if norm else nn.Identity()
         self.proj = nn.Linear(features, dim)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -104,7 +107,7 @@ class ShiftedPatchTokenization(_Tokenizer):
         x = torch.cat([images, *diagonal_shifts(images, self.shift)], dim=1)  # (B, 5C, H, W)
         p = self.patch_size
         x = rearrange(x, "b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=p, p2=p)  # (B, N, P*P*5C)
-        return self.proj(self.norm(x))  # (B, N, D)
+        return self.proj(self.norm(x))  # (B, N, D); norm is the identity with norm=False
 
 
 def conv_stem_widths(patch_size: int, dim: int) -> list[int]:
