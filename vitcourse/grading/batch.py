@@ -5,7 +5,9 @@ or device becomes that student's "ungradable" row), every file name maps to a un
 for its result and feedback files, and CSV cells cannot start a formula. Every
 submission gets a row: whatever goes wrong with one becomes its result, never the
 batch's end. Results are stored per student, so a rerun grades only what is missing or
-changed (the file, the grading code or the hidden checks).
+changed (the file, the grading code, the hidden checks or the salt). The hidden checks' inputs
+are salted with a secret by default (:func:`batch_salt`): generated on the first run into an
+output folder, kept there, reused by every later run.
 """
 
 from __future__ import annotations
@@ -213,7 +215,10 @@ def grade_folder(submissions, out, workers: int | None = None, force: bool = Fal
         sys.stderr.write("NO SANDBOX: student code will run as you, with resource limits only; "
                          "it can read and change your files.\n")
     _check_out(out)
-    salt, _ = batch_salt(out, salt)
+    salt, salt_source = batch_salt(out, salt)
+    if salt_source.endswith("(new)"):
+        sys.stderr.write(f"A new secret salt for the hidden checks' inputs is kept in {out / SALT_FILE}: "
+                         "keep it with the grades, never hand it out.\n")
     version = grader_version(folder, salt)
     points = {ex.id: ex.points for ex in spec.exercises}
     results, pending = {}, []

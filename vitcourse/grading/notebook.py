@@ -9,6 +9,10 @@ top-level statement of an *answer cell* (an nbgrader solution cell, or one defin
 answer name); a leftover generated stub gives way to a real definition of the same name.
 :func:`rule_findings` reads the kept code for calls an exercise forbids and for dynamic
 access (``getattr``, ``eval``, ...) that an instructor may want to review.
+
+The work on the text itself (parsing JSON, stripping magics, parsing cells, walking syntax
+trees) happens in :mod:`.analyse`, in a short-lived process under limits; what comes back is
+one summary per statement, and everything here is linear in those summaries.
 """
 
 from __future__ import annotations
