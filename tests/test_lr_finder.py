@@ -44,15 +44,88 @@ def test_stops_past_the_stability_limit_of_sgd():
     assert result.drop > 0
 
 
+def _sigmoid_drop(lrs, centre=-3.2, width=3.0):
+    """2.0 falling to 0.5; its slope against log10(lr) is steepest exactly at 10**centre (where it is -1.5 * width / 4)."""
+    return 2.0 - 1.5 / (1 + np.exp(-(np.log10(lrs) - centre) * width))
+
+
 def test_steepest_lr_finds_the_middle_of_a_falling_curve():
     lrs = np.logspace(-6, 0, 121)
-    losses = 2.0 - 1.5 / (1 + np.exp(-(np.log10(lrs) + 3.2) * 3))  # falls fastest at 10**-3.2
+    losses = _sigmoid_drop(lrs)
     losses[-10:] = np.linspace(1.0, 8.0, 10)  # the divergent tail is ignored
     assert steepest_lr(lrs, losses) == pytest.approx(10**-3.2, rel=0.15)
     noisy = losses.copy()
     noisy[:3] = [3.0, 1.0, 2.0]  # a noisy start (few batches in the running average) is skipped
     assert steepest_lr(lrs, noisy) == pytest.approx(10**-3.2, rel=0.15)
     assert steepest_lr(lrs, noisy, skip_start=0) < 1e-5  # without the skip the noise wins
+
+
+def test_steepest_point_is_not_the_minimum_when_one_lucky_drop_makes_the_minimum():
+    """The bug this guards against: a slope window that ends at the minimum gives the minimum a one-sided
+    difference, the slope of the drop that led into it, so a curve whose lowest point is one lucky batch
+    reported its minimum as the steepest point."""
+    lrs = np.logspace(-6, 0, 121)
+    losses = _sigmoid_drop(lrs)
+    losses[100] -= 0.3  # one point 0.3 lower: the minimum, reached by a drop steeper than the curve's own
+    losses[101:] = np.linspace(1.0, 8.0, 20)  # then it diverges
+    assert int(np.argmin(losses)) == 100
+    x = np.log10(lrs)
+    assert (losses[100] - losses[99]) / (x[100] - x[99]) < -1.5 * 3.0 / 4  # the drop into it beats the true slope
+    found = steepest_lr(lrs, losses)
+    assert found < lrs[100] / 10
+    assert found == pytest.approx(10**-3.2, rel=0.15)
+
+
+def test_steepest_point_of_a_curve_that_flattens_before_its_minimum():
+    """Steepest at 10**-4, lowest at 10**-1.5 after a long plateau, then diverging: the two read-outs differ."""
+    lrs = np.logspace(-6, 0, 61)
+    x = np.log10(lrs)
+    losses = _sigmoid_drop(lrs, centre=-4.0, width=4.0) - 0.02 * np.clip(x + 3, 0, None)  # a slight further fall
+    losses[x > -1.45] = np.linspace(1.0, 30.0, int(np.sum(x > -1.45)))
+    assert lrs[np.argmin(losses)] == pytest.approx(10**-1.5, rel=0.01)
+    assert steepest_lr(lrs, losses) == pytest.approx(1e-4, rel=0.15)
+
+
+def test_steepest_lr_on_noisy_curves():
+    """Batch-to-batch noise left by the smoothing: within a factor 2 of the true steepest point, every time."""
+    lrs = np.logspace(-6, 0, 121)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        losses = _sigmoid_drop(lrs) + rng.normal(0.0, 0.02, lrs.shape)  # the drop is 1.5, the noise 0.02
+        losses[-10:] = np.linspace(1.0, 8.0, 10)
+        found = steepest_lr(lrs, losses)
+        assert abs(np.log10(found) + 3.2) < 0.3
+        assert found < lrs[int(np.argmin(losses))]
+
+
+def test_steepest_lr_ignores_a_non_finite_end():
+    lrs = np.logspace(-6, 0, 121)
+    losses = _sigmoid_drop(lrs)
+    losses[-3:] = [50.0, np.inf, np.nan]  # a range test that stopped on an overflow
+    assert steepest_lr(lrs, losses) == pytest.approx(10**-3.2, rel=0.15)
+
+
+def test_steepest_lr_refuses_in_one_sentence():
+    with pytest.raises(ValueError, match="equal length"):
+        steepest_lr(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="equal length >= 3"):
+        steepest_lr(np.array([1e-3, 1e-2]), np.array([2.0, 1.0]))
+    with pytest.raises(ValueError, match="positive, finite and increasing"):
+        steepest_lr(np.array([1e-3, 1e-4, 1e-2]), np.array([2.0, 1.0, 3.0]))
+    rising = np.linspace(2.0, 3.0, 30)
+    with pytest.raises(ValueError, match="never falls"):
+        steepest_lr(np.logspace(-5, 0, 30), rising)
+    with pytest.raises(ValueError, match="no finite value"):
+        steepest_lr(np.logspace(-5, 0, 30), np.full(30, np.nan))
+    with pytest.raises(ValueError, match="window"):
+        steepest_lr(np.logspace(-5, 0, 30), np.linspace(3.0, 2.0, 30), window=0.0)
+
+
+def test_plot_of_a_curve_that_never_falls_has_no_mark():
+    lrs = np.logspace(-5, 0, 30)
+    losses = np.linspace(2.3, 2.5, 30)
+    ax = plot_lr_range(RangeTestResult(lrs, losses, losses, diverged=False))
+    assert len(ax.lines) == 1  # the curve only
 
 
 def test_flat_curve_has_no_drop():
@@ -90,5 +163,3 @@ def test_bad_arguments():
         lr_range_test(model, [], start_lr=1.0, end_lr=0.1)
     with pytest.raises(ValueError, match="no batches"):
         lr_range_test(model, [], progress=False)
-    with pytest.raises(ValueError, match="equal length"):
-        steepest_lr(np.ones(3), np.ones(4))

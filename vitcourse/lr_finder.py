@@ -5,7 +5,8 @@ Train for a few hundred steps while the learning rate grows geometrically from `
 put the model back as it was. A loss that falls fast marks learning rates that work; where it
 turns up is too much. Two common read-outs of the curve:
 
-* the *steepest* point: where the smoothed loss falls fastest per decade of learning rate;
+* the *steepest* point: where the smoothed loss falls fastest per decade of learning rate, before
+  its minimum;
 * the *minimum* point divided by 10.
 
 A flat curve that only rises at the end means no learning rate makes the loss fall: the problem
@@ -39,21 +40,55 @@ def _adam(params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr)
 
 
-def steepest_lr(lrs: np.ndarray, losses: np.ndarray, skip_start: int | None = None) -> float:
+def steepest_lr(
+    lrs: np.ndarray, losses: np.ndarray, skip_start: int | None = None, window: float = 0.5
+) -> float:
     """The learning rate where ``losses`` fall fastest against ``log10(lrs)``.
 
-    The search runs from point ``skip_start`` (default: a tenth of the curve, where the running
-    average still rests on a few batches) up to the minimum (past it the loss is diverging).
-    ``lrs`` and ``losses`` are 1-D arrays of the same length (at least 3).
+    The slope at point ``i`` is a centred difference across about ``window`` decades of learning
+    rate (``window / 2`` on each side, at least one point), so a single low point does not make a
+    steep slope on its own. Only points strictly before the curve's minimum are candidates: at the
+    minimum the loss has stopped falling, and a one-sided difference there would only repeat the
+    slope of the segment that led into it (with noise, the minimum is often a point reached by one
+    lucky drop, which would then always win). Points before ``skip_start`` (default: a tenth of the
+    curve, where the running average still rests on a few batches) are neither candidates nor
+    used in any slope.
+
+    Args:
+        lrs: ``(n,)`` increasing, positive learning rates (``n >= 3``).
+        losses: ``(n,)`` smoothed losses; NaN or infinite values (a diverged end) are ignored.
+        skip_start: number of leading points to leave out.
+        window: width in decades of the centred difference.
+
+    Raises:
+        ValueError: in one sentence, for arrays of different shapes or fewer than 3 points, learning
+            rates that are not positive and increasing, or a curve that never falls after ``skip_start``.
     """
     lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
     if lrs.shape != losses.shape or lrs.ndim != 1 or len(lrs) < 3:
         raise ValueError(f"need two 1-D arrays of equal length >= 3, got shapes {lrs.shape} and {losses.shape}.")
-    start = len(lrs) // 10 if skip_start is None else skip_start
-    start = min(max(start, 0), len(lrs) - 3)
-    end = max(int(np.nanargmin(losses[start:])) + start, start + 2) + 1  # up to and including the minimum
-    slope = np.gradient(losses[start:end], np.log10(lrs[start:end]))
-    return float(lrs[start + int(np.nanargmin(slope))])
+    if not (np.all(np.isfinite(lrs)) and np.all(lrs > 0) and np.all(np.diff(lrs) > 0)):
+        raise ValueError("the learning rates must be positive, finite and increasing.")
+    if not window > 0:
+        raise ValueError(f"window must be a positive number of decades, got {window}.")
+    n = len(lrs)
+    start = n // 10 if skip_start is None else skip_start
+    start = min(max(start, 0), n - 3)
+    values = np.where(np.isfinite(losses), losses, np.nan)[start:]  # (n - start,)
+    if np.all(np.isnan(values)):
+        raise ValueError("the loss curve has no finite value to read a slope from.")
+    x = np.log10(lrs[start:])
+    minimum = int(np.nanargmin(values))  # index of the lowest loss, counted from `start`
+    if minimum == 0:
+        raise ValueError("the loss never falls below its first value (after the skipped start), so there is "
+                         "no steepest descent to read; the problem is then not the learning rate.")
+    half = max(1, int(round(window / 2 / float(np.median(np.diff(x))))))  # points on each side of the centre
+    candidates = np.arange(minimum)  # strictly before the minimum
+    lo, hi = np.maximum(candidates - half, 0), np.minimum(candidates + half, len(x) - 1)
+    slope = (values[hi] - values[lo]) / (x[hi] - x[lo])  # (minimum,) centred where the curve allows it
+    if np.all(np.isnan(slope)):
+        raise ValueError("the loss curve has no two finite values before its minimum to read a slope from.")
+    return float(lrs[start + int(candidates[np.nanargmin(slope)])])
 
 
 @dataclass
@@ -74,7 +109,8 @@ class RangeTestResult:
 
     @property
     def steepest(self) -> float:
-        """Learning rate at the steepest descent of the smoothed loss (see :func:`steepest_lr`)."""
+        """Learning rate at the steepest descent of the smoothed loss (see :func:`steepest_lr`, which
+        raises ``ValueError`` for a curve that never falls)."""
         return steepest_lr(self.lrs, self.losses)
 
     @property
@@ -168,6 +204,14 @@ def lr_range_test(
     return RangeTestResult(np.array(lrs), np.array(smoothed), np.array(raw), diverged)
 
 
+def _steepest_or_none(result: RangeTestResult) -> float | None:
+    """The steepest point, or None for a curve that never falls (nothing to mark)."""
+    try:
+        return result.steepest
+    except ValueError:
+        return None
+
+
 def plot_lr_range(
     result: RangeTestResult,
     ax: plt.Axes | None = None,
@@ -175,7 +219,7 @@ def plot_lr_range(
     mark: bool = True,
     title: str = "Learning-rate range test",
 ) -> plt.Axes:
-    """Smoothed loss against learning rate (log axis), with the steepest point marked.
+    """Smoothed loss against learning rate (log axis), with the steepest point marked (if it falls at all).
 
     The loss axis stops a little above the curve's values before its minimum, so a diverging tail
     does not flatten the interesting part; called again on the same ``ax``, the ranges are merged.
@@ -192,8 +236,8 @@ def plot_lr_range(
     if prior is not None:
         low, high = min(low, prior[0]), max(high, prior[1])
     ax.set_ylim(low, high)
-    if mark:
-        lr = result.steepest
+    lr = _steepest_or_none(result) if mark else None
+    if lr is not None:
         index = int(np.flatnonzero(result.lrs == lr)[0])
         ax.plot([lr], [result.losses[index]], "o", color=line.get_color(), label=f"steepest: {lr:.1e}")
     ax.set_xscale("log")
