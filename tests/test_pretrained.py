@@ -112,23 +112,217 @@ def test_adapt_changes_size_and_head_and_keeps_the_rest():
     assert_close(same(images), model(images))
 
 
-def test_linear_probe_and_param_groups():
+def _decayed_by_module_type(model) -> set[str]:
+    """An independent enumeration of what weight decay should touch: the weights of Linear and Conv layers."""
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            names.add(f"{module_name}.weight" if module_name else "weight")
+    return names
+
+
+def _names(model, params) -> set[str]:
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return {by_id[id(p)] for p in params}
+
+
+@pytest.mark.parametrize("build", [lambda: VisionTransformer(SMALL),
+                                   lambda: __import__("vitcourse.cnn", fromlist=["SmallCNN"]).SmallCNN(5, width=8)])
+def test_one_weight_decay_rule_matrices_and_kernels_only(build):
+    from vitcourse import optim
+
+    model = build()
+    decay, no_decay = optim.param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 and "lr" not in decay
+    expected = _decayed_by_module_type(model)
+    assert _names(model, decay["params"]) == expected
+    assert _names(model, no_decay["params"]) == {n for n, _ in model.named_parameters()} - expected
+    if isinstance(model, VisionTransformer):  # never the CLS token, positions, norms or biases
+        assert {"cls_token", "pos_embed", "norm.weight", "head.bias"} <= _names(model, no_decay["params"])
+
+
+def test_head_and_body_groups_and_the_chapter_8_wrapper():
+    from vitcourse import optim
+
     model = VisionTransformer(SMALL)
-    assert param_groups(model, 1e-5, 1e-3)[0]["lr"] == 1e-5
-    groups = param_groups(model, body_lr=1e-5, head_lr=1e-3, weight_decay=0.1)
-    assert [g["name"] for g in groups] == ["body", "head"]
-    assert [g["lr"] for g in groups] == [1e-5, 1e-3]
-    assert [p.shape for p in groups[1]["params"]] == [(5, 32), (5,)]
+    groups = optim.param_groups(model, 0.1, lr=1e-3, body_lr=1e-5)
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in groups] == [
+        ("head", 1e-3, 0.1), ("head", 1e-3, 0.0), ("body", 1e-5, 0.1), ("body", 1e-5, 0.0)]
+    assert _names(model, groups[0]["params"]) == {"head.weight"}
+    assert _names(model, groups[1]["params"]) == {"head.bias"}
+    assert _names(model, groups[2]["params"]) == _decayed_by_module_type(model) - {"head.weight"}
     assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+    wrapped = param_groups(model, body_lr=1e-5, head_lr=1e-3, weight_decay=0.1)  # pretrained.param_groups
+    assert [(g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in wrapped] == [
+        (g["name"], g["lr"], g["weight_decay"], len(g["params"])) for g in groups]
     assert freeze_all_but_head(model) == ["head.weight", "head.bias"]
-    frozen = param_groups(model, 1e-5, 1e-3)
-    assert frozen[0]["params"] == [] and len(frozen[1]["params"]) == 2
+    frozen = param_groups(model, 1e-5, 1e-3)  # the body's groups are empty and left out
+    assert [(g["name"], _names(model, g["params"])) for g in frozen] == [("head", {"head.weight"}),
+                                                                          ("head", {"head.bias"})]
     before = model.blocks[0].attn.qkv.weight.detach().clone()
-    optimizer = torch.optim.AdamW([g for g in frozen if g["params"]])
+    optimizer = torch.optim.AdamW(frozen)
     data = (torch.rand(8, 3, 32, 32), torch.randint(0, 5, (8,)))
     history = fit(model, optimizer, data, data, steps=3, batch_size=4, eval_every=2)
     assert [h["step"] for h in history] == [2, 3]
     assert torch.equal(model.blocks[0].attn.qkv.weight, before)
+
+
+def test_zero_head_step_moves_only_decayed_body_tensors():
+    """The chapter's exercise: no gradient reaches the body, but AdamW's decoupled decay still shrinks its matrices."""
+    model = adapt(VisionTransformer(SMALL), num_classes=3).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr, wd = 1e-2, 0.1
+    optimizer = torch.optim.AdamW(param_groups(model, body_lr=lr, head_lr=lr, weight_decay=wd))
+    torch.nn.functional.cross_entropy(model(torch.rand(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    optimizer.step()
+    matrices = _decayed_by_module_type(model)
+    for name, p in model.named_parameters():
+        if name.startswith("head."):
+            continue
+        assert torch.equal(p.grad, torch.zeros_like(p))
+        if name in matrices:
+            assert_close(p.detach(), before[name] * (1 - lr * wd), rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(p.detach(), before[name]), name
+
+
+def test_warmup_cosine_schedule_and_fit_follow_it():
+    factor = pretrained.warmup_cosine(10, 3)
+    values = [factor(t) for t in range(10)]
+    assert values[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    expected = [0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / 8)).item()) for k in range(1, 8)]
+    assert values[3:] == pytest.approx(expected, abs=1e-6)
+    assert all(a >= b for a, b in zip(values[2:], values[3:])) and 0 < values[-1] < 0.1
+    assert [pretrained.warmup_cosine(4, 0)(t) for t in range(4)][0] < 1.0
+    with pytest.raises(ValueError):
+        pretrained.warmup_cosine(5, 6)
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    data = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    history = fit(model, optimizer, data, None, steps=10, batch_size=4, eval_every=5, warmup_steps=3)
+    assert [set(h) for h in history] == [{"step", "train_loss"}] * 2  # no validation asked for
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5 * factor(10))  # the scheduler stepped 10 times
+
+
+def test_accuracy_counts_top_classes_in_batches():
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return x  # the inputs are the logits
+
+    logits = torch.randn(37, 4)
+    labels = torch.randint(0, 4, (37,))
+    expected = sum(int(logits[i].argmax()) == int(labels[i]) for i in range(37)) / 37
+    assert pretrained.accuracy(Fixed(), logits, labels, batch_size=5) == pytest.approx(expected)
+
+
+def test_synthetic_task_draws_independent_normalised_splits():
+    from vitcourse.data import make_synthetic
+
+    task = pretrained.synthetic_task(20, 10, 12, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), seed=0)
+    assert {k: (tuple(x.shape), tuple(y.shape)) for k, (x, y) in task.items()} == {
+        "train": ((20, 3, 32, 32), (20,)), "val": ((10, 3, 32, 32), (10,)), "test": ((12, 3, 32, 32), (12,))}
+    images, labels = make_synthetic(20, seed=1000, image_size=32)  # the training split, by hand
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    assert_close(task["train"][0] * torch.tensor([0.2, 0.25, 0.5]).view(1, 3, 1, 1)
+                 + torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), pixels, rtol=0, atol=1e-5)
+    assert torch.equal(task["train"][1], torch.from_numpy(labels))
+    flat = {k: x.flatten(1) for k, (x, _) in task.items()}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):  # no image is in two splits
+        assert torch.cdist(flat[a], flat[b]).min() > 0
+    again = pretrained.synthetic_task(20, 10, 12, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), seed=0)
+    assert all(torch.equal(task[k][0], again[k][0]) for k in task)
+
+
+def _separable_task(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(3, 8, generator=generator) * 3
+
+    def draw(n):
+        y = torch.arange(n) % 3
+        return centres[y] + torch.randn(n, 8, generator=generator), y
+
+    return {"train": draw(60), "val": draw(30), "test": draw(30)}
+
+
+def _zero_linear(seed):
+    layer = torch.nn.Linear(8, 3)
+    torch.nn.init.zeros_(layer.weight)
+    torch.nn.init.zeros_(layer.bias)
+    return layer
+
+
+def test_search_picks_the_rate_that_learns_and_repeats_the_seeds():
+    task = _separable_task()
+    run = pretrained.search_and_repeat("probe", _zero_linear, task, (0.0, 1e-1), (0, 1, 2), steps=20,
+                                       batch_size=10, warmup_steps=2)
+    assert run.lr == 1e-1 and run.lrs == (0.0, 1e-1) and len(run.search_val) == 2
+    assert run.search_val[1] > 0.9 and run.search_val[0] == pytest.approx(1 / 3)  # zero head: one class for all
+    assert run.seeds == (0, 1, 2) and len(run.test_accs) == 3 and all(a > 0.9 for a in run.test_accs)
+    assert [len(losses) for losses in run.losses] == [20, 20, 20] and run.val_accs[0] == run.search_val[1]
+    tie = pretrained.search_and_repeat("probe", _zero_linear, task, (0.2, 0.1), (0,), steps=20, batch_size=10,
+                                       warmup_steps=2)
+    assert tie.search_val == (1.0, 1.0) and tie.lr == 0.1  # equal validation accuracy: the smaller rate
+    with pytest.raises(ValueError):
+        pretrained.search_and_repeat("probe", _zero_linear, task, (), (0,), steps=5, batch_size=10, warmup_steps=1)
+
+
+def _run(name, accs):
+    return pretrained.SettingRun(name, (1e-3,), (0.5,), 1e-3, tuple(range(len(accs))), tuple(accs), tuple(accs),
+                                 ((1.0,),) * len(accs), 0.0)
+
+
+def test_compare_settings_uses_the_seed_aware_rule():
+    from vitcourse import stats
+
+    labels = torch.arange(400) % 10
+    runs = {"linear probe": _run("linear probe", [0.12, 0.13, 0.11]),
+            "fine-tuning": _run("fine-tuning", [0.60, 0.62, 0.58]),
+            "from scratch": _run("from scratch", [0.59, 0.63, 0.57])}
+    result = pretrained.compare_settings(runs, labels, 10)
+    probe = stats.seed_estimate([0.12, 0.13, 0.11], 400)
+    finetune = stats.seed_estimate([0.60, 0.62, 0.58], 400)
+    scratch = stats.seed_estimate([0.59, 0.63, 0.57], 400)
+    assert result["verdicts"] == {"finetune_vs_scratch": stats.compare(finetune, scratch),
+                                  "probe_vs_scratch": stats.compare(probe, scratch),
+                                  "finetune_vs_probe": stats.compare(finetune, probe)}
+    assert result["verdicts"] == {"finetune_vs_scratch": "noise", "probe_vs_scratch": "lower",
+                                  "finetune_vs_probe": "higher"}
+    assert result["floors"]["finetune_vs_scratch"] == pytest.approx(stats.noise_floor(finetune, scratch))
+    assert result["chance"] == pytest.approx(stats.chance_level(labels.tolist(), 10))
+    assert result["probe_above_chance"] is (probe.mean > result["chance"])
+    runs["linear probe"] = _run("linear probe", [0.30, 0.31, 0.29])
+    assert pretrained.compare_settings(runs, labels, 10)["probe_above_chance"] is True
+
+
+VERDICTS = ("higher", "noise", "lower")
+
+
+@pytest.mark.parametrize("pretrained_weights", [True, False])
+@pytest.mark.parametrize("pair", list(pretrained.PAIRS))
+@pytest.mark.parametrize("verdict", VERDICTS)
+@pytest.mark.parametrize("above", [True, False])
+def test_comparison_text_every_branch(pretrained_weights, pair, verdict, above):
+    verdicts = {p: "noise" for p in pretrained.PAIRS}
+    verdicts[pair] = verdict
+    text = pretrained.comparison_text(pretrained_weights, verdicts, above)
+    assert pretrained._PAIR_TEXT[(pretrained_weights, pair, verdict)] in text
+    assert pretrained._CHANCE_TEXT[(pretrained_weights, above)] in text
+    if not pretrained_weights:  # random weights: nothing is credited to learned or ImageNet features
+        assert "ImageNet" not in text and "pretrained weights bought" not in text and "random" in text
+    if pair == "finetune_vs_scratch" and verdict == "noise" and not pretrained_weights:
+        assert "without pretrained weights, fine-tuning buys nothing" in text
+    if pair == "finetune_vs_scratch" and verdict == "higher":
+        assert ("what the pretrained weights bought" in text) == pretrained_weights
+    word = {"higher": "above", "lower": "below"}.get(verdict)
+    if word:
+        assert word in pretrained._PAIR_TEXT[(pretrained_weights, pair, verdict)]
+
+
+def test_comparison_text_needs_every_verdict():
+    with pytest.raises(ValueError, match="finetune_vs_probe"):
+        pretrained.comparison_text(False, {"finetune_vs_scratch": "noise", "probe_vs_scratch": "noise"}, True)
 
 
 def test_photo_folder_is_an_image_folder_and_reproducible(tmp_path):

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import AUGMENTATIONS, DataBundle, DataError, load_data
+from .optim import param_groups
 from .utils import atomic_write, runs_dir
 from .vit import ViTConfig, VisionTransformer
 
@@ -279,34 +280,12 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return VARIANTS[cfg.model](num_classes=num_classes)
 
 
-def _param_groups(model: nn.Module, weight_decay: float, lr: float | None = None,
-                  body_lr_scale: float = 1.0) -> list[dict]:
-    """Weight decay on weight matrices and kernels only, not on biases, norms, CLS token or positions.
-
-    With ``body_lr_scale != 1`` there are four groups, the head's two first (at ``lr``) and then
-    the body's (at ``lr * body_lr_scale``); the head is every parameter named ``head.*``.
-    """
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(("cls_token", "pos_embed"))
-        (no_decay if skip else decay).append((name, p))
-    groups = [{"params": [p for _, p in decay], "weight_decay": weight_decay},
-              {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
-    if body_lr_scale == 1.0:
-        return groups
-    split = []
-    for part, rate in (("head", lr), ("body", lr * body_lr_scale)):
-        for group, members in zip(groups, (decay, no_decay)):
-            mine = [p for name, p in members if name.startswith("head.") == (part == "head")]
-            split.append({**group, "params": mine, "lr": rate, "name": part})
-    return split
-
-
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     peak = cfg.max_lr if cfg.schedule == "onecycle" else cfg.lr
-    groups = _param_groups(model, cfg.weight_decay, peak, cfg.body_lr_scale)
+    # weight decay on matrices and kernels only; with --body-lr-scale, head and body groups at their own rates
+    split = cfg.body_lr_scale != 1.0
+    groups = param_groups(model, cfg.weight_decay, peak if split else None,
+                          peak * cfg.body_lr_scale if split else None)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=cfg.betas)  # Adam: weight decay added to the gradient
