@@ -1,5 +1,6 @@
-"""Chapter 4 hidden checks: other depths and sizes, grey images; for the cost of a forward pass, a narrow MLP,
-grey images, training steps, and models far too large to run here (ViT-H/14 at 518 px, a 22-billion-parameter ViT, 1,024 px images)."""
+"""Chapter 4 hidden checks: other depths and sizes, grey images; for the cost of a forward pass and of a
+training step, a narrow MLP on grey images and models far too large to run here (ViT-H/14 at 518 px, a
+22-billion-parameter ViT, ViT-B/16 on 1,024 px images)."""
 
 from vitcourse.vit import ViTConfig
 

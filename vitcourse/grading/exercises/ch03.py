@@ -9,9 +9,7 @@ grading sandbox exposes :mod:`vitcourse.attention` but not :mod:`vitcourse.encod
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vitcourse.encoder import LAYER_NORM_EPS, MLP, EncoderBlock
 

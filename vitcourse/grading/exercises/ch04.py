@@ -15,7 +15,6 @@ import functools
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from torch import nn
 
 from vitcourse.vit import VisionTransformer, ViTConfig, count_parameters
 
