@@ -593,3 +593,20 @@ def test_torchrun_a_data_error_on_process_zero_stops_every_process(tmp_path):
     assert rows[-1]["step"] == 2 and len(_resume_state(tmp_path / "run")["rng"]) == 2
     assert "disk/bad.png" not in json.loads((tmp_path / "run" / "split.json").read_text())["files"]
     assert "1 corrupt images" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("model", ["vit", "cnn"])
+def test_optimizer_decays_matrices_and_kernels_only(model):
+    """vitcourse train's optimizer uses the course's one rule (vitcourse.optim): weight decay on the weights of
+    Linear and Conv layers, enumerated here by module type, and on nothing else."""
+    from vitcourse.train import _optimizer
+
+    cfg = TINY.replace(model=model, weight_decay=0.07)
+    net = build_model(cfg, 10)
+    expected = {f"{m}.weight" for m, module in net.named_modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
+    names = {id(p): n for n, p in net.named_parameters()}
+    groups = _optimizer(cfg, net).param_groups
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] == 0.07 for p in g["params"]}
+    rest = {names[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed == expected and rest == set(names.values()) - expected
+    assert len(groups) == 2 and all(g["lr"] == cfg.lr for g in groups)
