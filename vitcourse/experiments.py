@@ -317,7 +317,7 @@ def _job(spec: Mapping, size: int, recipe: Recipe, seed: int) -> dict:
 
 def run_experiments(settings: Mapping[str, tuple[Mapping, int]], data: TensorData, recipe: Recipe,
                     seeds: Sequence[int], folder: str, workers: int = 2,
-                    progress: Callable[[Iterable], Iterable] | None = None) -> dict[str, list[dict]]:
+                    progress: Callable[[Iterable, int], Iterable] | None = None) -> dict[str, list[dict]]:
     """Train every setting with every seed, or read its cached result.
 
     Args:
@@ -328,7 +328,8 @@ def run_experiments(settings: Mapping[str, tuple[Mapping, int]], data: TensorDat
         seeds: the seeds each setting is trained with.
         folder: the folder under :func:`vitcourse.utils.runs_dir` holding the result files.
         workers: processes training in parallel (1: train in this process).
-        progress: wraps the iterable of finished runs, e.g. ``tqdm`` (optional).
+        progress: called as ``progress(finished_runs, how_many)`` to wrap the iterable of runs as they finish,
+            e.g. ``lambda runs, n: tqdm(runs, total=n)`` (optional).
 
     Returns:
         ``{label: [one result of train_seed per seed]}``. Each setting's results are stored in
@@ -364,7 +365,9 @@ def run_experiments(settings: Mapping[str, tuple[Mapping, int]], data: TensorDat
             atomic_write(paths[label], json.dumps(record))
 
     todo.sort(key=lambda job: -job[2])  # the largest training sets first: the workers finish together
-    wrap = progress or (lambda it: it)
+    def wrap(iterable):
+        return progress(iterable, len(todo)) if progress else iterable
+
     if workers <= 1 or len(todo) <= 1:
         for label, spec, size, seed in wrap(todo):
             finish(label, seed, train_seed(spec, data, size, recipe, seed))
