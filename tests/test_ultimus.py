@@ -106,3 +106,28 @@ def test_bad_input_gives_one_clear_sentence():
         build_ultimus("ultimus_nope")
     with pytest.raises(ValueError, match="scale must be one of"):
         UltimusBlock(scale="middle")
+
+
+def test_average_colour_accuracy_finds_colour_coded_classes_and_not_random_ones():
+    from vitcourse.stats import guessing_bound
+    from vitcourse.ultimus import average_colour_accuracy
+
+    g = torch.Generator().manual_seed(0)
+
+    def images(labels, coded):
+        n = len(labels)
+        tint = (labels.double() / 10)[:, None] if coded else torch.rand(n, 1, generator=g, dtype=torch.float64)
+        colour = torch.cat([tint, 1 - tint, torch.rand(n, 1, generator=g, dtype=torch.float64)], 1)  # (n, 3)
+        return colour[:, :, None, None] + 0.02 * torch.randn(n, 3, 8, 8, generator=g, dtype=torch.float64)
+
+    train_labels, val_labels = torch.randint(0, 10, (2000,), generator=g), torch.randint(0, 10, (1000,), generator=g)
+    # the class is the red level: ten steps of 0.1 with noise of about 0.0025 in the mean -> almost always right
+    coded = average_colour_accuracy(images(train_labels, True), train_labels, images(val_labels, True), val_labels, 10)
+    assert coded > 0.95
+    # colours independent of the class: no better than guessing can reach by luck
+    random = average_colour_accuracy(images(train_labels, False), train_labels, images(val_labels, False),
+                                     val_labels, 10)
+    assert random <= guessing_bound(1000, 10)
+    with pytest.raises(ValueError, match="one label each"):
+        average_colour_accuracy(torch.zeros(4, 3, 8, 8), torch.zeros(3, dtype=torch.long), torch.zeros(2, 3, 8, 8),
+                                torch.zeros(2, dtype=torch.long), 10)

@@ -38,7 +38,7 @@ import torch
 from einops import einsum
 from torch import Tensor, nn
 
-__all__ = ["UltimusBlock", "UltimusNet", "VARIANTS", "build_ultimus", "SPEC_NUM_PARAMETERS"]
+__all__ = ["UltimusBlock", "UltimusNet", "VARIANTS", "build_ultimus", "SPEC_NUM_PARAMETERS", "average_colour_accuracy"]
 
 #: Parameter count printed in the assignment's model summary.
 SPEC_NUM_PARAMETERS = 25_882
@@ -191,3 +191,44 @@ def build_ultimus(name: str, **kwargs) -> nn.Module:
     if name not in VARIANTS:
         raise ValueError(f"unknown Ultimus variant {name!r}; choose one of {', '.join(VARIANTS)}.")
     return VARIANTS[name](**kwargs)
+
+
+def average_colour_accuracy(
+    train_images: Tensor, train_labels: Tensor, val_images: Tensor, val_labels: Tensor, num_classes: int
+) -> float:
+    """How well the average colour alone predicts the class: validation accuracy of a linear classifier.
+
+    Each image ``(3, H, W)`` is reduced to its three channel means (the most that a linear stem followed
+    by global average pooling can pass on, up to the border's zero padding); a multinomial logistic
+    regression on those three numbers (standardised, a small L2 penalty, L-BFGS to convergence) is fitted
+    on the training images and scored on the validation images.
+
+    Args:
+        train_images, val_images: ``(N, 3, H, W)`` and ``(M, 3, H, W)``.
+        train_labels, val_labels: ``(N,)`` and ``(M,)`` class indices.
+        num_classes: number of classes.
+
+    Returns:
+        The fraction of validation images whose class it predicts.
+    """
+    if train_images.ndim != 4 or val_images.ndim != 4 or len(train_images) != len(train_labels) \
+            or len(val_images) != len(val_labels) or len(train_images) == 0 or len(val_images) == 0:
+        raise ValueError("average_colour_accuracy needs (N, C, H, W) images with one label each, for training "
+                         "and for validation.")
+    x_train, x_val = train_images.double().mean(dim=(2, 3)), val_images.double().mean(dim=(2, 3))  # (N, C), (M, C)
+    mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-12)
+    x_train, x_val = (x_train - mean) / std, (x_val - mean) / std
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        head = nn.Linear(x_train.shape[1], num_classes).double()
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(head(x_train), train_labels) + 1e-4 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (head(x_val).argmax(-1) == val_labels).double().mean().item()
