@@ -143,7 +143,7 @@ def colour_sentence(colour: Estimate, chance: float) -> str:
 
 _BLOCKS = {
     "none": "None of the {n} changes to the blocks alone ({names}) lifts the accuracy above the chance line of "
-            "{chance} by more than its noise; the highest mean, {best}'s, is {best_acc}.",
+            "{chance} by more than its noise; the highest mean is {best_acc} ({best}).",
     "some": "Of the {n} changes to the blocks alone, {above} end{s} above the chance line of {chance} by more "
             "than {its} noise ({above_accs}); {others} do{es} not ({other_accs}).",
     "all": "All {n} changes to the blocks alone end above the chance line of {chance} by more than their "
