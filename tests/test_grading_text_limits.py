@@ -61,6 +61,7 @@ HOSTILE = {
     "blank_markdown": [("markdown", "\n" * 3_000_000 + "x?")],
     "question_marks": [("code", ("x" * 9_000 + "?" + " " * 900 + "\n") * 20)],
     "many_cells": [("code", "b = 1\n" * 4_000)] * 6,
+    "empty_cells_3000": [("code", "")] * 3_000,
 }
 WITHIN_LIMITS = {"blank_markdown", "question_marks"}  # linear and allowed: no sentence needed
 

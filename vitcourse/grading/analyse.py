@@ -39,6 +39,7 @@ LIMITS = {
     "statements": 5_000,  # top-level statements of one code cell
     "nodes": 200_000,  # syntax-tree nodes of one code cell
     "depth": 100,  # nesting of one statement's syntax tree
+    "cells": 2_000,  # cells in the whole notebook
     "code": 2_000_000,  # characters of code in the whole notebook
     "total_statements": 10_000,  # top-level statements in the whole notebook
     "total_nodes": 1_000_000,  # syntax-tree nodes in the whole notebook
@@ -329,6 +330,10 @@ def analyse_cell(source: str, limits: dict = LIMITS) -> dict:
 
 def analyse_notebook(found: dict, limits: dict = LIMITS) -> dict:
     """:func:`read_cells`'s result with each code cell analysed (in place), or made ungradable past a total."""
+    if len(found["cells"]) > limits["cells"]:
+        found.update(cells=[], ungradable=f"it has {len(found['cells']):,} cells, more than the {limits['cells']:,} "
+                                          "the grader reads")
+        return found
     code = sum(len(c["source"]) for c in found["cells"] if c["kind"] == "code")
     if code > limits["code"]:
         found.update(cells=[], ungradable=f"its code cells hold {code:,} characters, more than the "
