@@ -397,7 +397,8 @@ def analyse_file(path) -> dict:
         return {"ungradable": sentence.format(f"{WALL_SECONDS:g} s"), "chapter": "", "cells": []}
     if done.returncode != 0:
         why = ("CPU time" if done.returncode in (-24, -9) else "memory" if b"MemoryError" in done.stderr[-2000:]
-               else f"exit status {done.returncode}")
+               else f"the reading process crashed with signal {-done.returncode}" if done.returncode < 0
+               else f"the reading process failed with exit status {done.returncode}")
         return {"ungradable": sentence.format(why), "chapter": "", "cells": []}
     try:
         result = json.loads(done.stdout)
