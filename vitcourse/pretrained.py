@@ -478,7 +478,8 @@ def search_and_repeat(name: str, build, task: dict[str, tuple[Tensor, Tensor]], 
     (:func:`fit`). The validation split picks the rate; the test split is scored only at the rate picked.
 
     Args:
-        build: ``build(seed)`` returns a fresh model to train (a head on cached features, or a whole ViT).
+        build: ``build(seed)`` returns a fresh model to train (a head on cached features, or a whole ViT);
+            it is called right after ``torch.manual_seed(seed)``, so a randomly initialised model differs by seed.
         task: ``{"train" | "val" | "test": (inputs, labels)}`` as :func:`synthetic_task` returns.
         lrs: the peak learning rates to try; seeds: at least one seed, the first used for the search.
 
