@@ -469,7 +469,7 @@ _LAYERNORM = {
     "lower": ("Without its LayerNorm, SPT scored lower beyond noise: on these images the normalisation helps SPT, "
               "so it does not explain a loss"),
     "noise": ("Without its LayerNorm, SPT scored within noise of SPT with it: these runs show no effect of the "
-              "LayerNorm, so it does not explain what SPT does here"),
+              "LayerNorm, so they give no support to blaming it for what SPT does here"),
 }
 
 
