@@ -244,7 +244,7 @@ def plot_lr_range(
     ax.set_xlabel("learning rate")
     ax.set_ylabel("training loss (smoothed)")
     ax.set_title(title)
-    if label is not None or mark:
+    if label is not None or lr is not None:
         ax.legend()
     ax.figure.tight_layout()
     return ax
