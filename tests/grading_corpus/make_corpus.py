@@ -98,7 +98,7 @@ def _(nb):
     set_src(nb, MHSA, src(nb, MHSA).replace("return self.proj(", "return self.proj((", 1))
 
 
-@case("infinite_loop", (0.4, 3, 4, 4))
+@case("infinite_loop", (0.8, 3, 4, 4))  # one hidden check passes in the hidden run's own budget
 def _(nb):
     set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace(
         "    ### BEGIN SOLUTION", "    while dim != -1:\n        pass\n    ### BEGIN SOLUTION", 1))
@@ -441,7 +441,7 @@ def _(nb):  # an honest notebook whose answer cell ends with a long loop: the lo
     set_src(nb, SOFTMAX, src(nb, SOFTMAX) + "\n\nfor _ in range(10**10):\n    _ = 1 + 1\n")
 
 
-@case("slow_import_and_infinite_loop", (0.4, 3, 4, 4))
+@case("slow_import_and_infinite_loop", (0.8, 3, 4, 4))  # as infinite_loop
 def _(nb):
     set_src(nb, "ch01-01", "import time\ntime.sleep(2.5)\n" + src(nb, "ch01-01"))
     set_src(nb, SOFTMAX, src(nb, SOFTMAX).replace(

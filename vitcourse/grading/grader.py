@@ -1,16 +1,24 @@
-"""Grading one submission: run it in its own sealed sandbox run, then judge every check here, outside.
+"""Grading one submission: run it in sealed sandbox runs, then judge every check here, outside.
 
-The grader sends the selected statements and the public checks' tasks; it sends the
-hidden checks' tasks only once the runner says the public ones are done, so no
-message a public check produced can hold a hidden input. Every record the run writes is
-plain JSON read with bounds (:func:`.sandbox.parse_record`); a record that is malformed
-or out of place is ignored; values are compared here with the course's reference code.
+Two phases, decided by the grader alone (never by anything a submission writes):
 
-Budgets: the setup statements share ``setup_seconds`` in each run; all checks of an
-exercise, public and hidden, share its ``exercise_seconds``; a submission's runs together
-get at most ``start + setup + the exercise budgets`` seconds of the grader's clock. When a
-statement or a check ends its run (``os._exit``, a segfault, a stopped alarm), it is
-blamed, and the rest runs again in a fresh run, within the same cap.
+1. **Public runs** get the selected statements and the public checks' tasks, and nothing
+   else. Their problems, skipped statements and failure messages are what the student sees.
+2. **Hidden runs** come after, and get the same statements (minus those the public runs
+   skipped) and the hidden checks' tasks. Of them the grader uses one thing: pass or fail per
+   hidden check. Their skips, problems, messages and timing go nowhere, so nothing computed
+   after a hidden input arrived can reach what is shown.
+
+Every record a run writes is plain JSON read with bounds (:func:`.sandbox.parse_record`); a
+record that is malformed or out of place is ignored; values are compared here with the
+course's reference code.
+
+Budgets: the setup statements share ``setup_seconds`` in each run; in each phase, all checks of
+an exercise share its ``exercise_seconds``; a submission's runs together get at most
+``start + 2 * (setup + the exercise budgets)`` seconds of the grader's clock (:meth:`Limits.cap`). These are enforced from
+outside (:class:`_Clock`): a statement or check that outlives its share, whatever it does with
+signals and timers inside, has its run killed, is blamed, and the rest runs again in a fresh run,
+within the same cap. So is a statement or check that ends its run (``os._exit``, a segfault).
 """
 
 from __future__ import annotations
@@ -39,9 +47,10 @@ class Limits:
     memory: int = 2 * 2**30
 
     def cap(self, chapter: Chapter) -> float:
-        """The most a submission may take, all its runs together."""
+        """The most a submission may take, all its runs together: a start, and setup plus every exercise's
+        budget once for the public phase and once for the hidden phase."""
         per_exercise = self.exercise_seconds or chapter.exercise_seconds
-        return self.start_seconds + self.setup_seconds + per_exercise * len(chapter.exercises)
+        return self.start_seconds + 2 * (self.setup_seconds + per_exercise * len(chapter.exercises))
 
 
 @dataclass
@@ -133,6 +142,48 @@ def _signal(number) -> str:
     return f"{name}: {meaning[name]}" if name in meaning else name
 
 
+class _Clock:
+    """The grader's own clock for one run, fed with the records it reads (see :meth:`.sandbox.Zygote.run`).
+
+    ``limit`` is how many seconds after the start the run may go on: a statement gets what is left of
+    the setup time (a definition, a short grace once it is used up), a check what is left of its
+    exercise's budget, each plus ``SLACK`` for the runner's own timer to act first; between items the
+    runner gets ``GAP``. A record claiming a phase only moves the limit within these shares, so a
+    submission that forges records can waste its own time, never more.
+    """
+
+    SLACK, GAP, GRACE = 1.0, 5.0, 2.0
+
+    def __init__(self, job: dict, statements: dict, units: dict, start_seconds: float):
+        self.statements, self.units = statements, units
+        self.setup_left, self.grace = float(job["setup_seconds"]), self.GRACE
+        self.budgets = {k: float(v) for k, v in job["budgets"].items()}
+        self.limit, self.current, self.began = start_seconds, None, 0.0
+
+    def see(self, record: dict, t: float) -> None:
+        begin = record.get("begin")
+        finished = record.get("done") if record.get("done") in self.statements else record.get("end")
+        if isinstance(begin, str) and begin in self.statements:
+            self.current, self.began = begin, t
+            allowance = self.setup_left if self.setup_left > 0 else (
+                self.grace if self.statements[begin].definition else 0.0)
+            self.limit = t + max(allowance, 0.0) + self.SLACK
+        elif isinstance(begin, str) and begin in self.units:
+            self.current, self.began = begin, t
+            self.limit = t + max(self.budgets.get(self.units[begin].exercise, 0.0), 0.0) + self.SLACK
+        elif isinstance(finished, str) and finished == self.current:
+            spent = t - self.began
+            if finished in self.statements:
+                if self.setup_left <= 0:
+                    self.grace -= spent
+                self.setup_left -= spent
+            else:
+                self.budgets[self.units[finished].exercise] = self.budgets.get(self.units[finished].exercise, 0.0) - spent
+            self.current, self.limit = None, t + self.GAP
+        elif self.current is None and isinstance(record.get("done"), str) and record["done"] in self.statements:
+            self.limit = t + self.GAP  # a skipped statement: done without begin
+
+
 class Grader:
     """Grades submissions of one chapter, one at a time, through one zygote (:class:`.sandbox.Zygote`)."""
 
@@ -176,29 +227,51 @@ class Grader:
         return r
 
     def _execute(self, statements: list[Statement], r: StudentResult) -> dict:
-        """Run until every check has an outcome ``(ok, value or reason)``; see the module docstring."""
-        by_id = {s.id: s for s in statements}
-        units = {u.id: u for u in self.units}
-        budgets = {ex.id: self.seconds for ex in self.chapter.exercises}
-        outcomes: dict[str, tuple[bool, object]] = {}
+        """Every check's outcome ``(ok, value or reason, tainted)``: the public phase, then the hidden one."""
+        outcomes: dict[str, tuple] = {}
         skipped: set[str] = set()
-        reported: set[str] = set()
         cap = time.monotonic() + self.limits.cap(self.chapter)
+        public = [u for u in self.units if not u.hidden]
+        self._phase(public, statements, skipped, self._budgets(), outcomes, cap, r)
+        for u in public:  # decided now, before any hidden input exists
+            outcomes.setdefault(u.id, (False, self._not_run(cap), False))
+        # From here on nothing is shown but pass or fail per hidden check: a copy of the skips, no problems.
+        hidden = [u for u in self.units if u.hidden]
+        self._phase(hidden, statements, set(skipped), self._budgets(), outcomes, cap, None)
+        for u in hidden:
+            outcomes.setdefault(u.id, (False, "not run", True))
+        return outcomes
+
+    def _budgets(self) -> dict[str, float]:
+        """A phase's time per exercise: all its checks of that exercise share it."""
+        return {ex.id: self.seconds for ex in self.chapter.exercises}
+
+    @staticmethod
+    def _not_run(cap: float) -> str:
+        return ("not run: the submission used up its time (all its runs together)" if time.monotonic() >= cap - 1
+                else "not run: the runner stopped before it")
+
+    def _phase(self, units: list[Unit], statements: list[Statement], skipped: set[str], budgets: dict,
+               outcomes: dict, cap: float, r: StudentResult | None) -> None:
+        """Run ``units`` until each has an outcome; ``r`` is None for the hidden phase (it reports nothing)."""
+        by_id = {s.id: s for s in statements}
+        mine = {u.id: u for u in units}
+        reported: set[str] = set()
         for _ in range(len(statements) + len(units) + 1):
-            pending = [u for u in self.units if u.id not in outcomes]
+            pending = [u for u in units if u.id not in outcomes]
             left = cap - time.monotonic()
             if not pending or left < 1:
                 break
             job = {"statements": [s.job() for s in statements if s.id not in skipped],
                    "setup_seconds": min(self.limits.setup_seconds, left), "budgets": budgets,
-                   "public": [u.job() for u in pending if not u.hidden], "memory": self.limits.memory,
+                   "checks": [u.job() for u in pending], "memory": self.limits.memory,
                    "workdir": SCRATCH if self.zygote.sandboxed else None, "processes": 512}
             run_seconds = self.limits.start_seconds + self.limits.setup_seconds + sum(max(b, 0) for b in budgets.values())
+            clock = _Clock(job, by_id, mine, self.limits.start_seconds)
             started = time.monotonic()
-            records, ended = self.zygote.run(job, [u.job() for u in pending if u.hidden],
-                                             started + min(left, run_seconds))
+            records, ended = self.zygote.run(job, started + min(left, run_seconds), clock)
             current, began, done = None, {}, {}
-            for record, t, after in records:
+            for record, t in records:
                 if isinstance(record.get("fatal"), str):
                     raise RuntimeError(clean(record["fatal"]))
                 uid = next((record[k] for k in ("begin", "done", "end") if isinstance(record.get(k), str)), None)
@@ -206,39 +279,34 @@ class Grader:
                     current = uid
                 elif uid in by_id and "done" in record and uid == current:
                     current = None
-                    if not record.get("ok") and not after and uid not in reported:
+                    if not record.get("ok") and r is not None and uid not in reported:
                         reported.add(uid)
                         r.problems.append(self._statement_problem(by_id[uid], record))
-                elif uid in units and uid not in outcomes and "begin" in record:
+                elif uid in mine and uid not in outcomes and "begin" in record:
                     current, began[uid] = uid, t
-                elif uid in units and uid == current and "done" in record:
-                    done.setdefault(uid, (record, after))
-                elif uid in units and uid not in outcomes and "end" in record:
+                elif uid in mine and uid == current and "done" in record:
+                    done.setdefault(uid, record)
+                elif uid in mine and uid not in outcomes and "end" in record:
                     if uid == current:
-                        budgets[units[uid].exercise] -= t - began[uid]
+                        budgets[mine[uid].exercise] -= t - began[uid]
                         current = None
-                    outcomes[uid] = (*self._outcome(units[uid], record, *done.get(uid, (None, after))), after)
-            tainted = bool(records) and records[-1][2]  # hidden inputs were sent: report nothing it could steer
+                    outcomes[uid] = (*self._outcome(mine[uid], record, done.get(uid)), r is None)
             if current in by_id:
                 skipped.add(current)
                 why = {"deadline": "did not finish within the setup time", "output": "wrote more output than "
                        "the grader accepts"}.get(ended, "ended the process")
-                if not tainted:
+                if r is not None:
                     r.problems.append(f"{self._where(by_id[current])} {why}; it was skipped")
-            elif current in units:
-                budgets[units[current].exercise] -= time.monotonic() - started - began[current]
+            elif current in mine:
+                budgets[mine[current].exercise] -= time.monotonic() - started - began[current]
                 reason = {"deadline": f"it did not finish within the time limit of exercise "
-                          f"{units[current].exercise} ({self.seconds:g} s)",
+                          f"{mine[current].exercise} ({self.seconds:g} s)",
                           "output": "it wrote more output than the grader accepts"}.get(ended, "the process running it stopped")
-                outcomes[current] = (False, reason, tainted)
+                outcomes[current] = (False, reason, r is None)
             else:
                 break  # the run ended between units: running it again would end the same way
-        for u in self.units:
-            outcomes.setdefault(u.id, (False, "not run: the submission used up its time (all its runs together)"
-                                       if time.monotonic() >= cap - 1 else "not run: the runner stopped before it", False))
-        return outcomes
 
-    def _outcome(self, unit: Unit, end: dict, done: dict | None, after: bool) -> tuple[bool, object]:
+    def _outcome(self, unit: Unit, end: dict, done: dict | None) -> tuple[bool, object]:
         status = end.get("status")
         if done is not None and done.get("ok"):
             return True, done.get("value")
@@ -246,7 +314,7 @@ class Grader:
             kind = done.get("type")
             if kind == "NotImplementedError":
                 return False, "not answered yet (the code still raises NotImplementedError)"
-            detail = "" if after else f": {clean(done.get('error'), 300)}"
+            detail = "" if unit.hidden else f": {clean(done.get('error'), 300)}"
             return False, ("your code returned a value the grader cannot compare" if kind == "Unsupported"
                            else "your code raised an exception") + detail
         if status == "budget":

@@ -15,8 +15,12 @@ root, imports torch (and JAX) once, and then, for every submission, forks a proc
    result as one JSON line; the runner kills it when the exercise's time is used up.
 
 Everything is written to a pipe the grader made for this submission alone, one JSON
-record per line. The hidden checks arrive only after the runner has written
-``{"phase": "public-done"}``. Nothing here compares or scores: the grader does, outside.
+record per line. A run gets either the public checks or the hidden ones, never both: the
+grader runs the hidden checks in runs of their own, whose only output it uses is pass or fail.
+Nothing here compares, scores or enforces a deadline that matters: the grader does, outside,
+from what it observes; it ends a run by killing the runner, PID 1 of the submission's PID
+namespace, and the kernel then ends every process the submission started, whatever it did
+with its process group or its parent-death signal.
 Imported inside the sandbox: standard library, NumPy and what is preloaded.
 """
 
@@ -77,13 +81,20 @@ def _write(fd: int, record: dict) -> None:
 
 
 def _describe(err: BaseException) -> dict:
+    """The error as a record; never raises, whatever the exception's ``__str__`` or file names hold."""
     where = ""
-    for frame in traceback.extract_tb(err.__traceback__):
-        if frame.filename.startswith("<cell"):
-            where = f"{frame.filename[1:-1]}, line {frame.lineno}"
-    text = str(err)[:300] if not isinstance(err, RecursionError) else "maximum recursion depth exceeded"
-    return {"type": type(err).__name__, "where": where,
-            "error": f"{type(err).__name__}: {text}" + (f" ({where})" if where else "")}
+    try:  # no source lines: a file name may be anything, a lone surrogate included
+        for frame in traceback.StackSummary.extract(traceback.walk_tb(err.__traceback__), lookup_lines=False):
+            if isinstance(frame.filename, str) and frame.filename.startswith("<cell"):
+                where = f"{frame.filename[1:-1]}, line {frame.lineno}"
+    except Exception:  # noqa: BLE001
+        where = ""
+    try:
+        text = str(err)[:300] if not isinstance(err, RecursionError) else "maximum recursion depth exceeded"
+    except BaseException:  # noqa: BLE001 - a __str__ that raises, or exits
+        text = "(its message could not be read)"
+    name = type(err).__name__ if isinstance(type(err).__name__, str) else "Exception"
+    return {"type": name, "where": where, "error": f"{name}: {text}" + (f" ({where})" if where else "")}
 
 
 def _limit(kind: int, value: int) -> None:
@@ -207,7 +218,7 @@ def _run_checks(checks: list, budgets: dict, namespace: dict, out: int) -> None:
         _write(out, {"end": check["id"], **end})
 
 
-def runner(out: int, control: socket.socket, job: dict) -> None:
+def runner(out: int, job: dict) -> None:
     """Run one submission's statements and checks (steps 2-3 of the module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # PID 1 ignores what it does not handle: nothing can end it
     with open("/proc/self/status") as f:
@@ -230,19 +241,27 @@ def runner(out: int, control: socket.socket, job: dict) -> None:
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     budgets = {k: float(v) for k, v in job["budgets"].items()}
     _run_statements(job, namespace, out)
-    _run_checks(job["public"], budgets, namespace, out)
-    _write(out, {"phase": "public-done"})
-    _, fds, _, _ = socket.recv_fds(control, 16, 1)
-    if fds:
-        with os.fdopen(fds[0]) as f:
-            _run_checks(json.load(f), budgets, namespace, out)
+    _run_checks(job["checks"], budgets, namespace, out)
 
 
 def _submission(fds: list[int], sandboxed: bool) -> None:
-    """The forked process of one submission: isolate, then start the runner as PID 1."""
-    out, control, job_fd = fds
+    """The forked process of one submission: isolate, then start the runner as PID 1 and wait for it.
+
+    This process never runs submitted code, and the runner's PID namespace cannot see it. On SIGTERM
+    (the zygote's "end") it kills the runner; the kernel then kills everything in the namespace.
+    """
+    out, job_fd = fds
     os.setsid()
     _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the zygote
+    runner_pid: list[int] = []
+
+    def stop(*_) -> None:
+        for pid in runner_pid:
+            os.kill(pid, signal.SIGKILL)
+        if not runner_pid:
+            os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     job = json.load(os.fdopen(job_fd))
     if sandboxed:
         try:
@@ -254,17 +273,19 @@ def _submission(fds: list[int], sandboxed: bool) -> None:
     if pid == 0:
         try:
             _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if sandboxed:
                 _enter_user_namespace()
-            runner(out, socket.socket(fileno=control), job)
+            runner(out, job)
         finally:
             os._exit(0)
+    runner_pid.append(pid)
     os.close(out)
-    os.waitpid(pid, 0)
+    os.waitpid(pid, 0)  # returns once the runner, and with it its whole PID namespace, is gone
 
 
 def zygote(control_fd: int, preload: str, uid: int | None) -> None:
-    """Serve submissions on the control socket: ``run`` (with three fds) and ``end``."""
+    """Serve submissions on the control socket: ``run`` (with two fds: the record pipe and the job) and ``end``."""
     _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if uid is not None:
@@ -286,8 +307,8 @@ def zygote(control_fd: int, preload: str, uid: int | None) -> None:
     control.sendall(b"ready")
     current = None
     while True:
-        message, fds, _, _ = socket.recv_fds(control, 16, 3)
-        if message == b"run" and len(fds) == 3:
+        message, fds, _, _ = socket.recv_fds(control, 16, 2)
+        if message == b"run" and len(fds) == 2:
             current = os.fork()
             if current == 0:
                 try:
@@ -300,10 +321,14 @@ def zygote(control_fd: int, preload: str, uid: int | None) -> None:
         elif message == b"end":
             if current:
                 try:
-                    os.killpg(current, signal.SIGKILL)
+                    os.kill(current, signal.SIGTERM)  # it kills the runner, PID 1 of the submission's namespace
                 except OSError:
                     pass
                 os.waitpid(current, 0)
+                try:  # without a sandbox there is no namespace: end the process group at least
+                    os.killpg(current, signal.SIGKILL)
+                except OSError:
+                    pass
                 current = None
             control.sendall(b"ok")
         else:

@@ -96,8 +96,9 @@ def bwrap_command(view: Path, chapter_preload: str) -> list[str]:
     if os.path.exists("/etc/ld.so.cache"):
         args += [*_parents("/etc/ld.so.cache"), "--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     args += [*package_binds(ALLOWED + (("jax",) if "jax" in chapter_preload else ())),
+             # The zygote's own scratch (imports may need a temporary folder); each submission mounts a fresh one over it.
              "--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev", "--remount-ro", "/tmp",
-             "--perms", "0755", "--dir", SCRATCH, "--ro-bind", str(view), "/grader", "--chdir", "/"]
+             "--perms", "1777", "--tmpfs", SCRATCH, "--ro-bind", str(view), "/grader", "--chdir", "/"]
     return args
 
 
@@ -133,13 +134,13 @@ def bwrap_status() -> tuple[bool, str]:
         zygote = Zygote(build_view(Path(tmp) / "view", ()), "", slot=0, sandboxed=True)
         try:
             zygote.start(timeout=60)
-            records, ended = zygote.run({"statements": [], "setup_seconds": 1, "public": [], "budgets": {},
-                                         "memory": 2**30, "workdir": SCRATCH}, [], time.monotonic() + 60)
+            records, ended = zygote.run({"statements": [], "setup_seconds": 1, "checks": [], "budgets": {},
+                                         "memory": 2**30, "workdir": SCRATCH}, time.monotonic() + 60)
         except (OSError, RuntimeError) as err:
             return False, f"bubblewrap cannot create a sandbox on this machine ({err})"
         finally:
             zygote.close()
-    fatal = [r["fatal"] for r, _, _ in records if isinstance(r.get("fatal"), str)]
+    fatal = [r["fatal"] for r, _ in records if isinstance(r.get("fatal"), str)]
     if fatal or ended != "eof":
         return False, fatal[0] if fatal else f"the sandbox did not run a test submission ({ended})"
     return True, "bubblewrap, with fresh namespaces for each submission"
@@ -174,24 +175,26 @@ class Zygote:
             self.close()
             raise RuntimeError("the grading zygote did not start")
 
-    def run(self, job: dict, hidden: list, deadline: float):
+    def run(self, job: dict, deadline: float, watch=None):
         """Run one submission; return ``(records, ended)``.
 
-        ``records`` are ``(record, seconds since start, after_public)`` for every JSON line;
-        ``ended`` is ``"eof"`` (the run finished or died), ``"deadline"`` or ``"output"`` (it wrote too much).
+        ``records`` are ``(record, seconds since start)`` for every JSON line; ``ended`` is ``"eof"`` (the
+        run finished or died), ``"deadline"`` or ``"output"`` (it wrote too much). ``watch``, if given, is
+        told every record (``watch.see(record, t)``) and says how many seconds after the start the run may
+        go on (``watch.limit``): the grader's own clock for the statement or check in progress, enforced
+        here from outside, whatever the code inside does with its signals. The run is then killed.
         """
         r, w = os.pipe()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with tempfile.TemporaryFile() as job_file:
             job_file.write(json.dumps(job).encode())
             job_file.seek(0)
-            socket.send_fds(self.control, [b"run"], [w, theirs.fileno(), job_file.fileno()])
+            socket.send_fds(self.control, [b"run"], [w, job_file.fileno()])
         os.close(w)
-        theirs.close()
-        records, buffer, total, after, start, ended = [], bytearray(), 0, False, time.monotonic(), "eof"
+        records, buffer, total, start, ended = [], bytearray(), 0, time.monotonic(), "eof"
         try:
             while True:
-                left = deadline - time.monotonic()
+                until = deadline if watch is None else min(deadline, start + watch.limit)
+                left = until - time.monotonic()
                 if left <= 0:
                     ended = "deadline"
                     break
@@ -211,16 +214,12 @@ class Zygote:
                     record = parse_record(line)
                     if record is None:
                         continue
-                    records.append((record, time.monotonic() - start, after))
-                    if record.get("phase") == "public-done" and not after:
-                        after = True
-                        with tempfile.TemporaryFile() as hidden_file:
-                            hidden_file.write(json.dumps(hidden).encode())
-                            hidden_file.seek(0)
-                            socket.send_fds(ours, [b"hidden"], [hidden_file.fileno()])
+                    t = time.monotonic() - start
+                    records.append((record, t))
+                    if watch is not None:
+                        watch.see(record, t)
         finally:
             os.close(r)
-            ours.close()
             self.end()
         return records, ended
 
