@@ -25,7 +25,7 @@ from vitcourse.timm_compat import check_timm_model, from_timm, timm_vit, to_timm
 from vitcourse.vit import expected_num_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = "book/ch05_small_data"
+PAGE = "book/ch09_small_data"
 SMALL = dict(image_size=16, patch_size=4, dim=24, depth=2, heads=3, mlp_dim=48, num_classes=4)
 
 

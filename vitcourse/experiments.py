@@ -1,6 +1,6 @@
 """Small comparative experiments: several seeds of several models, trained on tensors, cached by what decides them.
 
-The small-data section of chapter 5 compares a ViT with a CNN at several training-set sizes and
+Chapter 9 (the small-data chapter) compares a ViT with a CNN at several training-set sizes and
 ablates three changes to the ViT. Every point is a few seeds of a small model trained on small
 images held in memory, so the whole experiment fits in a few CPU minutes. This module holds what
 that needs and nothing chapter-specific:
