@@ -116,6 +116,22 @@ def select_statements(nb: Notebook, answer_names: set[str]) -> tuple[list[Statem
 
 DYNAMIC = {"getattr", "setattr", "eval", "exec", "compile", "__import__", "globals", "vars", "locals",
            "importlib", "builtins", "__builtins__", "__dict__", "sys.modules", "__subclasses__"}
+"""Names of dynamic access an instructor may want to review (``sys.modules`` as a pair)."""
+_DYNAMIC_ATTRIBUTES = {"__dict__", "__subclasses__", "__builtins__", "__globals__", "__code__"}
+"""Flagged wherever they appear; the other names only as a name of their own (``eval(...)``,
+``builtins.eval``), not as a method of some object (``model.eval()``, ``torch.compile``)."""
+
+
+def _dynamic_at(parts: list[str], rooted: bool) -> int | None:
+    """Where in a reference ``parts`` (``a.b.c`` as ``[a, b, c]``) dynamic access starts, or None."""
+    if parts[:2] == ["sys", "modules"]:
+        return 1
+    for i, part in enumerate(parts):
+        if part in _DYNAMIC_ATTRIBUTES:
+            return i
+        if part in DYNAMIC and rooted and (i == 0 or i == 1 and parts[0] in ("builtins", "__builtins__")):
+            return i
+    return None
 
 
 def _summary(s: Statement) -> dict:
@@ -195,7 +211,7 @@ def rule_findings(statements: list[Statement], exercises) -> tuple[dict[str, lis
     for s in statements:
         for root, attrs, line, _ in summaries[s.id]["refs"]:
             parts = [root, *attrs] if root else attrs
-            hit = 1 if parts[:2] == ["sys", "modules"] else next((i for i, p in enumerate(parts) if p in DYNAMIC), None)
+            hit = _dynamic_at(parts, bool(root))
             if hit is not None:
                 name = ".".join(parts[: hit + 1])
                 dynamic.append(f"cell {s.cell}, line {line}: {clean(name if root else '.' + name, 60)}")
