@@ -110,13 +110,15 @@ class Unit:
     hidden: bool
     points: float
     case: Case
+    ops: tuple[str, ...] = ()  # operators this check may not run (the exercise's ``forbidden_ops``)
 
     @functools.cached_property
     def encoded_task(self):
         return encode(self.case.task)  # once per batch, not once per submission
 
     def job(self) -> dict:
-        return {"id": self.id, "exercise": self.exercise, "task": self.encoded_task}
+        return {"id": self.id, "exercise": self.exercise, "task": self.encoded_task,
+                **({"ops": list(self.ops)} if self.ops else {})}
 
 
 def build_units(chapter: Chapter, hidden_folder: Path | None, salt: str = "") -> list[Unit]:
@@ -128,7 +130,8 @@ def build_units(chapter: Chapter, hidden_folder: Path | None, salt: str = "") ->
         weight = sum(c.weight for c, _, _ in checks) or 1.0
         for chk, is_hidden, i in checks:
             case = chk.build(seed_for(chapter.name, ex.id, i, is_hidden, salt))
-            units.append(Unit(f"c{len(units)}", ex.id, chk.description, is_hidden, ex.points * chk.weight / weight, case))
+            units.append(Unit(f"c{len(units)}", ex.id, chk.description, is_hidden, ex.points * chk.weight / weight, case,
+                              tuple(ex.forbidden_ops)))
     return units
 
 
@@ -204,7 +207,11 @@ class Grader:
             r.ungradable = nb.ungradable
         statements, r.problems = select_statements(nb, self.answers)
         forbidden, r.review = rule_findings(statements, self.chapter.exercises)
+        self.ran_forbidden: dict[str, set[str]] = {}
         outcomes = self._execute(statements, r) if nb.cells else {}
+        for exercise, ops in sorted(self.ran_forbidden.items()):  # seen at run time, in the public checks only
+            forbidden.setdefault(exercise, []).extend(
+                f"a public check of exercise {exercise} ran {op}, which the exercise forbids" for op in sorted(ops))
         for unit in self.units:
             ok, value, tainted = outcomes.get(unit.id, (False, "not run: the notebook could not be read", False))
             if ok:
@@ -308,6 +315,11 @@ class Grader:
 
     def _outcome(self, unit: Unit, end: dict, done: dict | None) -> tuple[bool, object]:
         status = end.get("status")
+        ran = [clean(op, 60) for op in done.get("ops", [])][:5] if done is not None and isinstance(done.get("ops"), list) else []
+        if done is not None and done.get("ok") and ran:
+            if not unit.hidden:  # shown with the forbidden calls, and the exercise's points withheld
+                self.ran_forbidden.setdefault(unit.exercise, set()).update(ran)
+            return False, f"it ran {', '.join(ran)}, which exercise {unit.exercise} forbids"
         if done is not None and done.get("ok"):
             return True, done.get("value")
         if done is not None:

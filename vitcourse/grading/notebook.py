@@ -117,7 +117,7 @@ def select_statements(nb: Notebook, answer_names: set[str]) -> tuple[list[Statem
 DYNAMIC = {"getattr", "setattr", "eval", "exec", "compile", "__import__", "globals", "vars", "locals",
            "importlib", "builtins", "__builtins__", "__dict__", "sys.modules", "__subclasses__"}
 """Names of dynamic access an instructor may want to review (``sys.modules`` as a pair)."""
-_DYNAMIC_ATTRIBUTES = {"__dict__", "__subclasses__", "__builtins__", "__globals__", "__code__"}
+_DYNAMIC_ATTRIBUTES = {"__dict__", "__subclasses__", "__builtins__", "__globals__", "__code__", "_C", "_python_dispatch"}
 """Flagged wherever they appear; the other names only as a name of their own (``eval(...)``,
 ``builtins.eval``), not as a method of some object (``model.eval()``, ``torch.compile``)."""
 

@@ -112,7 +112,8 @@ class Check:
 class Exercise:
     """A graded exercise. ``answers``: the names the student defines (their cells are the answer
     cells). ``forbidden``: what the statement forbids (``"torch.softmax"``; ``".softmax"`` for any
-    attribute of that name; a module covers everything in it): a use costs all the points."""
+    attribute of that name; a module covers everything in it): a use costs all the points.
+    ``forbidden_ops``: the same rule by meaning, checked on the operators that actually run."""
 
     id: str
     title: str
@@ -121,6 +122,9 @@ class Exercise:
     statement: str
     public: list[Check] = field(default_factory=list)
     forbidden: tuple[str, ...] = ("timm",)
+    forbidden_ops: tuple[str, ...] = ()
+    """Operators the checks may not run, however they are reached (``"aten._softmax"``; ``"autograd"``:
+    anything autograd's engine runs): watched at run time inside the sandbox."""
 
 
 @dataclass

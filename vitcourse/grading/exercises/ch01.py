@@ -84,6 +84,12 @@ def backward_case(batch: tuple[int, ...], n_q: int, n_k: int, d_k: int, d_v: int
     return build
 
 
+SDPA_OPS = ("aten._scaled_dot_product_flash_attention_for_cpu", "aten._scaled_dot_product_attention_math",
+            "aten._scaled_dot_product_efficient_attention", "aten._scaled_dot_product_flash_attention",
+            "aten._native_multi_head_attention")
+"""The fused attention kernels, whichever way they are reached."""
+
+
 CHAPTER = Chapter(
     name="ch01",
     title="Attention",
@@ -97,6 +103,7 @@ CHAPTER = Chapter(
                     Check("a (2, 3, 5) tensor along dimension 1", softmax_case((2, 3, 5), dim=1))],
             forbidden=("timm", "torch.softmax", "torch.nn.functional.softmax", "torch.special.softmax", ".softmax",
                        "torch.nn.Softmax", "torch.log_softmax", "torch.nn.functional.log_softmax", ".log_softmax"),
+            forbidden_ops=("aten._softmax", "aten._log_softmax", "aten._safe_softmax"),
         ),
         Exercise(
             id="1.2", title="Find and fix: masked scaled dot-product attention", points=3, answers=("attention",),
@@ -107,6 +114,7 @@ CHAPTER = Chapter(
             public=[Check("self-attention on a (2, 5, 8) batch, no mask", attention_case((2,), 5, 5, 8, 8)),
                     Check("a causal mask", attention_case((2,), 6, 6, 4, 4, mask="causal"))],
             forbidden=("timm", "torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention"),
+            forbidden_ops=SDPA_OPS,
         ),
         Exercise(
             id="1.3", title="Multi-head self-attention", points=4, answers=("MultiHeadSelfAttention",),
@@ -117,6 +125,7 @@ CHAPTER = Chapter(
                     Check("the parameter names and shapes for dim 16, 4 heads", mhsa_case(16, 4, what="shapes"))],
             forbidden=("timm", "torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention",
                        "torch.nn.functional.multi_head_attention_forward"),
+            forbidden_ops=SDPA_OPS,
         ),
         Exercise(
             id="1.4", title="The gradients of attention, by hand", points=4, answers=("attention_backward",),
@@ -127,6 +136,7 @@ CHAPTER = Chapter(
             public=[Check("self-attention on a (2, 5, 8) batch", backward_case((2,), 5, 5, 8, 8)),
                     Check("cross-attention: 4 queries, 6 keys, values of width 5", backward_case((3,), 4, 6, 4, 5))],
             forbidden=("timm", ".backward", ".grad", "torch.autograd", "torch.func", "functorch"),
+            forbidden_ops=("autograd", "aten._softmax_backward_data"),
         ),
     ],
 )

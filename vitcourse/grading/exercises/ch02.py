@@ -105,6 +105,7 @@ CHAPTER = Chapter(
             public=[Check("a (2, 3, 8, 8) batch, 4x4 patches every 2 pixels", overlapping_case(2, 3, 8, 8, 4, 2)),
                     Check("stride equal to the patch size (no overlap)", overlapping_case(1, 2, 6, 6, 2, 2))],
             forbidden=("timm", "torch.nn.functional.unfold", "torch.nn.Unfold"),
+            forbidden_ops=("aten.im2col",),  # nn.Unfold and F.unfold, however reached; Tensor.unfold is allowed
         ),
     ],
 )

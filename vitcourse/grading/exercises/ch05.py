@@ -187,6 +187,9 @@ CHAPTER = Chapter(
                       "smoothing / K on the label and smoothing / K on every other class; no F.cross_entropy, "
                       "nn.CrossEntropyLoss or label_smoothing argument.",
             public=[Check("a batch of 8 over 10 classes with smoothing 0.1", smoothing_case(8, 10, 0.1))],
+            forbidden=("timm", "torch.nn.functional.cross_entropy", "torch.nn.CrossEntropyLoss",
+                       "torch.nn.functional.nll_loss", "torch.nn.NLLLoss"),
+            forbidden_ops=("aten.nll_loss_forward", "aten.nll_loss2d_forward"),
         ),
         Exercise(
             id="5.3", title="The confusion matrix", points=2, answers=("confusion_matrix",),
