@@ -28,6 +28,8 @@ HIDDEN = {
     "4.3": [
         Check("the count of a 64 px, 4-block ViT with 100 classes", count_case(WIDE)),
         Check("the count of a grey 3-block ViT", count_case(GREY)),
+        Check("the count of ViT-H/14 at 518 px", count_case(HUGE_518)),
+        Check("the count of a ViT with 22 billion parameters", count_case(GIANT)),
     ],
     "4.4": [
         Check("the forward pass of a grey 3-block ViT whose MLP is twice as wide as its tokens", flops_case(GREY)),
