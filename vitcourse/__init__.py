@@ -7,8 +7,13 @@ One small module per idea:
 * :mod:`vitcourse.encoder` - the MLP and the pre-norm encoder block
 * :mod:`vitcourse.vit` - ``ViTConfig`` and ``VisionTransformer``
 * :mod:`vitcourse.timm_compat` - weights to and from timm's ViT
-* :mod:`vitcourse.analysis` - CLS attention, attention rollout, attention distance
+* :mod:`vitcourse.analysis` - CLS attention, attention rollout, attention distance, what positions and patch
+  filters learned
 * :mod:`vitcourse.viz` - the plots the chapters share
+* :mod:`vitcourse.stats` - sampling noise (test set and seeds), comparisons, trends and chance: every verdict
+* :mod:`vitcourse.recipes`, :mod:`vitcourse.experiments`, :mod:`vitcourse.ultimus_report` - the measured
+  experiments and the sentences chapters 5, 9 and 6 choose from their numbers
+* :mod:`vitcourse.optim` - the one parameter-group rule (weight decay on weight matrices only)
 """
 
 from .vit import PRESETS, VisionTransformer, ViTConfig, count_parameters
