@@ -171,6 +171,10 @@ def _operator_watch(watched: frozenset):
     class Watch(TorchDispatchMode):
         seen: set = set()
 
+        @classmethod
+        def _should_skip_dynamo(cls) -> bool:  # else defining the class imports torch._dynamo (seconds)
+            return False
+
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func.overloadpacket)
             if name in watched:
@@ -335,7 +339,7 @@ def zygote(control_fd: int, preload: str, uid: int | None) -> None:
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
         torch.set_num_threads(1)
-        with _operator_watch(frozenset({"aten.add"})):  # the first dispatch mode costs seconds: pay it once, here
+        with _operator_watch(frozenset({"aten.add"})):  # pay the first dispatch mode's set-up once, here
             torch.ones(1) + 1
     import numpy.random  # noqa: F401 - every check seeds it
 
