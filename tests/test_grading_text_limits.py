@@ -16,6 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from grading_corpus.make_corpus import OWN_ATTENTION  # attention with its own softmax
 from vitcourse.grading import analyse
 from vitcourse.grading.batch import grade_folder
 from vitcourse.grading.grader import Limits
@@ -152,14 +153,6 @@ def test_old_format_3_is_converted_or_refused_by_name(tmp_path):
     assert "old format 3 notebook" in reason and "\n" not in reason
 
 
-OWN_ATTENTION = """
-def attention(q, k, v, mask=None):
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
-    return weights @ v, weights
-"""
 
 
 def surrogate_in_traceback(where: str) -> dict:
