@@ -48,8 +48,7 @@ except ImportError as err:  # pragma: no cover - jax is in requirements.txt
 from einops import rearrange
 
 from .encoder import LAYER_NORM_EPS
-from .small_data import require_plain_vit
-from .vit import ViTConfig, VisionTransformer
+from .vit import ViTConfig, VisionTransformer, require_plain_vit
 
 __all__ = [
     "init_params",
@@ -106,7 +105,8 @@ def init_params(key: jax.Array, config: ViTConfig) -> Params:
 
     Every random draw gets its own key, split from ``key``; the same key always
     gives the same parameters. Only the plain ViT: a config with a small-data option
-    (``stem="spt"``/``"conv"``, ``lsa=True``) is refused with a ``ValueError``.
+    (``stem="spt"``/``"conv"``, ``lsa=True``) or a distillation token (``distilled=True``)
+    is refused with a ``ValueError``.
 
     Args:
         key: a ``jax.random`` key (``jax.random.key(0)`` or ``jax.random.PRNGKey(0)``).
@@ -124,7 +124,7 @@ def init_params(key: jax.Array, config: ViTConfig) -> Params:
             norm: scale (D,), bias (D,)
             head: kernel (D, K), bias (K,)
     """
-    require_plain_vit(config, "vitcourse.jax_vit")  # the JAX port has no SPT, conv stem or LSA
+    require_plain_vit(config, "vitcourse.jax_vit")  # the JAX port: plain ViT only
     c = config
     patch_features = c.patch_size * c.patch_size * c.in_channels
     k_patch_w, k_patch_b, k_cls, k_pos, k_head, k_blocks = jax.random.split(key, 6)
@@ -226,7 +226,7 @@ def forward(params: Params, image: jax.Array, config: ViTConfig, key: jax.Array 
     it with ``jax.vmap``. Pass a ``key`` to train with dropout and stochastic
     depth; without one the function is deterministic (evaluation).
     """
-    require_plain_vit(config, "vitcourse.jax_vit")  # the JAX port has no SPT, conv stem or LSA
+    require_plain_vit(config, "vitcourse.jax_vit")  # the JAX port: plain ViT only
     c = config
     k_embed, *block_keys = _keys(key, c.depth + 1)
     patches = rearrange(image, "c (h p1) (w p2) -> (h w) (p1 p2 c)", p1=c.patch_size, p2=c.patch_size)  # (N, P*P*C)
@@ -502,7 +502,7 @@ def from_torch(model: torch.nn.Module) -> Params:
     The returned arrays are copies: changing them does not change the model.
     """
     if isinstance(model, VisionTransformer):
-        require_plain_vit(model.config, "vitcourse.jax_vit")  # the JAX port has no SPT, conv stem or LSA
+        require_plain_vit(model.config, "vitcourse.jax_vit")  # the JAX port: plain ViT only
     sd = {name: t.detach().cpu().float().numpy() for name, t in model.state_dict().items()}
     if "patch_embed.proj.weight" not in sd or "cls_token" not in sd:
         raise ValueError(
@@ -574,7 +574,7 @@ def to_torch(params: Params, config: ViTConfig) -> VisionTransformer:
     Raises:
         ValueError: if the parameters do not fit ``config``, naming the first mismatch.
     """
-    require_plain_vit(config, "vitcourse.jax_vit")  # the JAX port has no SPT, conv stem or LSA
+    require_plain_vit(config, "vitcourse.jax_vit")  # the JAX port: plain ViT only
     model = VisionTransformer(config)
     expected = model.state_dict()
     patch_shape = (config.patch_size**2 * config.in_channels, config.dim)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .encoder import LAYER_NORM_EPS
 from .patches import check_image_size
 
-__all__ = ["STEMS", "ShiftedPatchTokenization", "ConvStem", "diagonal_shifts", "conv_stem_widths", "require_plain_vit"]
+__all__ = ["STEMS", "ShiftedPatchTokenization", "ConvStem", "diagonal_shifts", "conv_stem_widths"]
 
 STEMS = ("patch", "spt", "conv")
 """The tokenizers a :class:`vitcourse.ViTConfig` can ask for (its ``stem`` field)."""
@@ -163,16 +163,3 @@ class ConvStem(_Tokenizer):
         x = self.proj(self.convs(images))  # (B, D, H/P, W/P)
         return rearrange(x, "b d h w -> b (h w) d")  # (B, N, D), row-major like the patches
 
-
-def require_plain_vit(config, what: str) -> None:
-    """Refuse, in one sentence, a :class:`vitcourse.ViTConfig` that uses a small-data option.
-
-    ``what`` names the consumer that only knows the plain ViT (e.g. ``"timm"``).
-
-    Raises:
-        ValueError: if ``config.stem != "patch"`` or ``config.lsa`` is on.
-    """
-    used = ([f"stem={config.stem!r}"] if config.stem != "patch" else []) + (["lsa=True"] if config.lsa else [])
-    if used:
-        raise ValueError(f"{what} has no shifted patch tokenization, convolutional stem or locality self-attention, "
-                         f"so it cannot take a ViTConfig with {' and '.join(used)}; use stem='patch' and lsa=False.")

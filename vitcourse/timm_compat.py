@@ -10,6 +10,14 @@ same ``state_dict`` but computes something else. :func:`check_timm_model`
 compares every such setting with what :class:`VisionTransformer` computes and
 refuses the first one it does not reproduce, so :func:`from_timm` either gives
 the timm model's logits or raises.
+
+A course model with ``ViTConfig(distilled=True)`` exchanges weights the same
+way with timm's DeiT ``VisionTransformerDistilled`` (``deit_tiny_distilled_patch16_224``
+and its siblings, or any size built directly): the same checks, plus the
+distillation token and its head. timm's ``distilled_training`` flag (whether
+training mode returns both heads' logits or their average) is carried across
+in both directions, so the two models compute the same thing in either mode.
+A distilled model and a plain one are never exchanged for each other.
 """
 
 from __future__ import annotations
@@ -21,8 +29,7 @@ from types import SimpleNamespace
 from torch import nn
 
 from .encoder import LAYER_NORM_EPS
-from .small_data import require_plain_vit
-from .vit import ViTConfig, VisionTransformer
+from .vit import ViTConfig, VisionTransformer, require_plain_vit
 
 __all__ = ["timm_vit", "to_timm", "from_timm", "check_timm_model"]
 
@@ -34,16 +41,21 @@ def _timm() -> SimpleNamespace:
     """The timm classes a reproducible ViT is made of, or an ImportError saying how to install timm."""
     try:
         from timm.layers import GELU
+        from timm.models import deit
         from timm.models import vision_transformer as tv
     except ImportError as err:  # pragma: no cover - timm is in requirements.txt
         raise ImportError("timm is not installed; run `pip install timm` to exchange weights with it.") from err
-    return SimpleNamespace(VisionTransformer=tv.VisionTransformer, Block=tv.Block, Attention=tv.Attention,
+    return SimpleNamespace(VisionTransformer=tv.VisionTransformer, Distilled=deit.VisionTransformerDistilled,
+                           Block=tv.Block, Attention=tv.Attention,
                            Mlp=tv.Mlp, PatchEmbed=tv.PatchEmbed, DropPath=tv.DropPath,
                            LayerNorms=(nn.LayerNorm, tv.LayerNorm), GELU=GELU)
 
 
 def timm_vit(config: ViTConfig) -> nn.Module:
     """A ``timm.models.vision_transformer.VisionTransformer`` with the architecture of ``config``.
+
+    With ``config.distilled`` it is timm's ``timm.models.deit.VisionTransformerDistilled``
+    instead, left at timm's ``distilled_training=False`` (:func:`to_timm` copies a model's flag).
 
     timm computes the MLP width as ``int(dim * mlp_ratio)``; the ratio passed
     here is nudged by half a unit so that this gives exactly ``mlp_dim`` even
@@ -55,9 +67,10 @@ def timm_vit(config: ViTConfig) -> nn.Module:
         ValueError: if the installed timm builds something :func:`check_timm_model` refuses,
             or ``config`` uses a small-data option (``stem`` other than ``"patch"``, ``lsa``).
     """
-    require_plain_vit(config, "timm")  # timm has no SPT, conv stem or LSA
+    require_plain_vit(config, "timm", distilled_ok=True)  # timm has no SPT, conv stem or LSA
     c = config
-    model = _timm().VisionTransformer(
+    timm = _timm()
+    model = (timm.Distilled if c.distilled else timm.VisionTransformer)(
         img_size=c.image_size,
         patch_size=c.patch_size,
         in_chans=c.in_channels,
@@ -81,43 +94,53 @@ def timm_vit(config: ViTConfig) -> nn.Module:
 
 
 def to_timm(model: VisionTransformer) -> nn.Module:
-    """A timm ViT holding a copy of ``model``'s weights (loaded with ``strict=True``)."""
+    """A timm ViT holding a copy of ``model``'s weights (loaded with ``strict=True``).
+
+    A distilled ``model`` gives a ``VisionTransformerDistilled`` with ``model``'s ``distilled_training``.
+    """
     reference = timm_vit(model.config)
     reference.load_state_dict(model.state_dict(), strict=True)
+    if model.config.distilled:
+        reference.set_distilled_training(model.distilled_training)
     return reference.train(model.training)
 
 
 def from_timm(timm_model: nn.Module, config: ViTConfig) -> VisionTransformer:
     """A :class:`VisionTransformer` holding a copy of a timm ViT's weights (``strict=True``).
 
+    A ``VisionTransformerDistilled`` needs ``config.distilled``; its ``distilled_training`` is copied.
+
     Raises:
         ValueError: if the timm model computes anything ``VisionTransformer(config)`` does not
             (see :func:`check_timm_model`), naming the first mismatch.
     """
-    require_plain_vit(config, "timm")  # timm has no SPT, conv stem or LSA
+    require_plain_vit(config, "timm", distilled_ok=True)  # timm has no SPT, conv stem or LSA
     model = VisionTransformer(config)
     _refuse_first(_mismatches(timm_model, model))
     model.load_state_dict(timm_model.state_dict(), strict=True)
+    if config.distilled:
+        model.set_distilled_training(timm_model.distilled_training)
     return model.train(timm_model.training)
 
 
 def check_timm_model(timm_model: nn.Module, config: ViTConfig) -> None:
     """Refuse a timm ViT whose logits or training ``VisionTransformer(config)`` would not reproduce.
 
-    Compared, in the order the data flows: the model class; class token,
+    Compared, in the order the data flows: the model class (``VisionTransformerDistilled``
+    exactly when ``config.distilled``); class token,
     register tokens, pooling and positional-embedding layout; the patch
     embedding (bias, norm, dynamic size or padding), pre-norm and patch
     dropout; in every block the block, attention and MLP classes, qkv, proj and
     MLP biases, qk-norm and the other extra norms, layer scale, the activation
     (exact GELU only) and both LayerNorms (type and eps); the final norm,
-    fc_norm and head dropout. Then the weights' names and shapes, and last the
+    fc_norm, head dropout and the head(s). Then the weights' names and shapes, and last the
     settings the config sets but the weights do not show: heads, dropout rates
     and drop-path rates.
 
     Raises:
         ValueError: one sentence naming the first mismatch and how to build a timm model without it.
     """
-    require_plain_vit(config, "timm")  # timm has no SPT, conv stem or LSA
+    require_plain_vit(config, "timm", distilled_ok=True)  # timm has no SPT, conv stem or LSA
     _refuse_first(_mismatches(timm_model, VisionTransformer(config)))
 
 
@@ -135,8 +158,18 @@ def _refusal(found: str, ours: str, fix: str) -> str:
 def _mismatches(timm_model: nn.Module, ours: VisionTransformer) -> Iterator[str]:
     """Sentences naming each difference between ``timm_model`` and ``ours``, in the order checked."""
     tv = _timm()
-    if type(timm_model) is not tv.VisionTransformer:
-        yield (f"vitcourse.timm_compat needs a timm.models.vision_transformer.VisionTransformer, got "
+    distilled = ours.config.distilled
+    if type(timm_model) is tv.Distilled and not distilled:
+        yield ("the timm model is a VisionTransformerDistilled, with a distillation token and a second head, but the "
+               "ViTConfig has distilled=False; pass distilled=True in the ViTConfig.")
+        return
+    if type(timm_model) is tv.VisionTransformer and distilled:
+        yield ("the timm model is a plain VisionTransformer without a distillation token, but the ViTConfig has "
+               "distilled=True; pass distilled=False in the ViTConfig or build the timm model with timm_vit(config).")
+        return
+    if type(timm_model) is not (tv.Distilled if distilled else tv.VisionTransformer):
+        expected = "deit.VisionTransformerDistilled" if distilled else "vision_transformer.VisionTransformer"
+        yield (f"vitcourse.timm_compat needs a timm.models.{expected}, got "
                f"{type(timm_model).__qualname__}; build the timm model with vitcourse.timm_compat.timm_vit(config).")
         return
     yield from _layout_mismatches(timm_model, tv)
@@ -184,6 +217,10 @@ def _layout_mismatches(m: nn.Module, tv: SimpleNamespace) -> Iterator[str]:
         yield _refusal("has no classification head (num_classes=0)", "a linear head", "num_classes > 0")
     elif m.head.bias is None:
         yield _refusal("has a head without bias", "a linear head with bias", "the default head")
+    head_dist = getattr(m, "head_dist", None)
+    if head_dist is not None and (not isinstance(head_dist, nn.Linear) or head_dist.bias is None):
+        yield _refusal("has no linear distillation head with bias (head_dist)", "a linear head_dist with bias",
+                       "num_classes > 0 and the default head")
 
 
 def _patch_embed_mismatches(pe: nn.Module, tv: SimpleNamespace) -> Iterator[str]:

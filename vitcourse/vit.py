@@ -15,6 +15,11 @@ into ``timm.models.vision_transformer.VisionTransformer`` and back (see
 :mod:`vitcourse.timm_compat`). The small-data options of ``ViTConfig``
 (``stem="spt"`` or ``"conv"``, ``lsa=True``; see :mod:`vitcourse.small_data`)
 add parameters timm does not have; with their defaults the model is the plain ViT.
+
+``ViTConfig(distilled=True)`` adds DeiT's distillation token (Touvron et al. 2021):
+a second learned token after the CLS token, read by a second head that learns
+from a teacher's predictions (see :mod:`vitcourse.distill`). That model has
+the names and shapes of timm's ``VisionTransformerDistilled``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from .encoder import LAYER_NORM_EPS, EncoderBlock
 from .patches import PatchEmbed, check_image_size
 from .small_data import STEMS, ConvStem, ShiftedPatchTokenization, conv_stem_widths
 
-__all__ = ["ViTConfig", "VisionTransformer", "count_parameters", "expected_num_parameters", "PRESETS"]
+__all__ = ["ViTConfig", "VisionTransformer", "count_parameters", "expected_num_parameters", "PRESETS",
+           "require_plain_vit"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ class ViTConfig:
             power-of-two ``patch_size``). See :mod:`vitcourse.small_data`.
         lsa: locality self-attention in every block (learned temperature, no self-attention
             on the diagonal); see :class:`vitcourse.attention.MultiHeadSelfAttention`.
+        distilled: DeiT's distillation token and second head (token order ``[cls, dist, patches]``);
+            see :class:`VisionTransformer` for what ``forward`` returns then. It combines with
+            every other option: the extra token is one more row for the tokenizer's output to meet.
     """
 
     image_size: int = 32
@@ -65,6 +74,7 @@ class ViTConfig:
     drop_path: float = 0.0
     stem: str = "patch"
     lsa: bool = False
+    distilled: bool = False
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "in_channels", "num_classes", "dim", "depth", "heads", "mlp_dim"):
@@ -87,6 +97,8 @@ class ViTConfig:
             conv_stem_widths(self.patch_size, self.dim)  # raises unless patch_size is a power of two
         if not isinstance(self.lsa, bool):
             raise ValueError(f"ViTConfig.lsa must be True or False, got {self.lsa!r}.")
+        if not isinstance(self.distilled, bool):
+            raise ValueError(f"ViTConfig.distilled must be True or False, got {self.distilled!r}.")
 
     @property
     def num_patches(self) -> int:
@@ -94,9 +106,14 @@ class ViTConfig:
         return (self.image_size // self.patch_size) ** 2
 
     @property
+    def num_prefix_tokens(self) -> int:
+        """Learned tokens in front of the patches: the CLS token, and the distillation token if ``distilled``."""
+        return 2 if self.distilled else 1
+
+    @property
     def seq_len(self) -> int:
-        """Tokens seen by the encoder: ``N`` patches plus the CLS token."""
-        return self.num_patches + 1
+        """Tokens seen by the encoder: ``N`` patches plus the CLS (and distillation) token."""
+        return self.num_patches + self.num_prefix_tokens
 
     def to_dict(self) -> dict:
         """The configuration as a plain dict (for checkpoints and JSON)."""
@@ -117,11 +134,25 @@ PRESETS: dict[str, ViTConfig] = {
 class VisionTransformer(nn.Module):
     """A ViT classifier with timm-compatible parameter names.
 
+    With ``config.distilled`` the model is DeiT's distilled ViT: a ``dist_token`` ``(1, 1, D)``
+    enters after the CLS token, positions cover ``N + 2`` tokens, and ``head_dist`` reads the
+    distillation token's features as ``head`` reads the CLS token's. What ``forward`` returns
+    then follows timm's ``VisionTransformerDistilled``:
+
+    * training mode with ``distilled_training`` on: the pair ``(cls_logits, dist_logits)``, one
+      for the labels and one for the teacher (:func:`vitcourse.distill.distillation_loss`);
+    * otherwise (eval mode, or training without a teacher): ``(cls_logits + dist_logits) / 2``,
+      the average DeiT reports its accuracy with.
+
+    ``distilled_training`` is an attribute, not a config field, as in timm; it starts ``True``
+    here because a distilled model is built to be trained with a teacher. timm starts it at
+    ``False``; :mod:`vitcourse.timm_compat` carries it across in both directions.
+
     Args:
         config: a :class:`ViTConfig`.
 
     Shapes:
-        ``forward``: ``(B, C, H, W)`` -> ``(B, num_classes)``.
+        ``forward``: ``(B, C, H, W)`` -> ``(B, num_classes)``, or a pair of them (see above).
     """
 
     def __init__(self, config: ViTConfig) -> None:
@@ -131,6 +162,8 @@ class VisionTransformer(nn.Module):
         stem = {"patch": PatchEmbed, "spt": ShiftedPatchTokenization, "conv": ConvStem}[c.stem]
         self.patch_embed = stem(c.image_size, c.patch_size, c.in_channels, c.dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
+        # Without distillation nothing is created here: same parameters, same random draws as before the option.
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, c.dim)) if c.distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, c.seq_len, c.dim))
         self.pos_drop = nn.Dropout(c.dropout)
         rates = [c.drop_path * i / max(c.depth - 1, 1) for i in range(c.depth)]
@@ -139,6 +172,8 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(c.dim, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(c.dim, c.num_classes)
+        self.head_dist = nn.Linear(c.dim, c.num_classes) if c.distilled else None
+        self.distilled_training = c.distilled
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -146,10 +181,13 @@ class VisionTransformer(nn.Module):
 
         The original ViT code used Xavier-uniform linear weights instead; chapter 3 compares them.
         Convolutions (the patch projection, a convolutional stem) keep PyTorch's default
-        initialisation, and an LSA temperature keeps its ``sqrt(head_dim)``.
+        initialisation, and an LSA temperature keeps its ``sqrt(head_dim)``. A distillation
+        token starts like the positions (truncated normal, std 0.02), as in timm.
         """
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.dist_token is not None:
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -158,23 +196,40 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """Whether training mode returns both heads' logits (``True``) or their average; as timm's method."""
+        if self.head_dist is None:
+            raise ValueError("this model has no distillation token; build it with ViTConfig(distilled=True).")
+        self.distilled_training = bool(enable)
+
     def embed(self, images: Tensor) -> Tensor:
-        """Tokens entering the first block: ``(B, C, H, W)`` -> ``(B, N + 1, D)``."""
+        """Tokens entering the first block: ``(B, C, H, W)`` -> ``(B, N + 1, D)`` (``N + 2`` if distilled)."""
         x = self.patch_embed(images)  # (B, N, D)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)  # (B, 1, D)
-        x = torch.cat([cls, x], dim=1)  # (B, N + 1, D)
+        prefix = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1)  # (B, prefix + N, D)
         return self.pos_drop(x + self.pos_embed)
 
     def forward_features(self, images: Tensor) -> Tensor:
-        """Normalised token features after the last block: ``(B, C, H, W)`` -> ``(B, N + 1, D)``."""
+        """Normalised token features after the last block: ``(B, C, H, W)`` -> ``(B, seq_len, D)``."""
         x = self.embed(images)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Class scores (logits) ``(B, num_classes)`` for ``images`` ``(B, C, H, W)``."""
-        return self.head(self.forward_features(images)[:, 0])  # classify from the CLS token
+    def forward(self, images: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        """Class scores (logits) ``(B, num_classes)`` for ``images`` ``(B, C, H, W)``.
+
+        A distilled model returns ``(cls_logits, dist_logits)`` in training mode with
+        ``distilled_training`` on, and their average otherwise.
+        """
+        x = self.forward_features(images)
+        logits = self.head(x[:, 0])  # classify from the CLS token
+        if self.head_dist is None:
+            return logits
+        dist_logits = self.head_dist(x[:, 1])  # ... and from the distillation token
+        if self.training and self.distilled_training:
+            return logits, dist_logits
+        return (logits + dist_logits) / 2
 
     def attention_maps(self, images: Tensor) -> list[Tensor]:
         """Every block's attention weights for a batch, through the explicit attention path.
@@ -185,8 +240,9 @@ class VisionTransformer(nn.Module):
             images: ``(B, C, H, W)``.
 
         Returns:
-            A list of ``depth`` tensors of shape ``(B, heads, N + 1, N + 1)``;
-            token 0 is the CLS token, and row ``i`` is what token ``i`` attends to.
+            A list of ``depth`` tensors of shape ``(B, heads, seq_len, seq_len)``;
+            token 0 is the CLS token (token 1 the distillation token if ``distilled``), and
+            row ``i`` is what token ``i`` attends to.
         """
         maps = []
         x = self.embed(images)
@@ -212,6 +268,7 @@ def expected_num_parameters(config: ViTConfig) -> int:
     linear layer on ``F = 5*P*P*C`` features, ``2F + F*D + D``; the convolutional stem has, per
     3x3 convolution ``c_in -> c_out``, ``9*c_in*c_out`` weights and ``2*c_out`` BatchNorm
     parameters, then a 1x1 convolution ``c_last*D + D``; LSA adds one temperature per block.
+    Distillation adds a token ``D``, its position ``D`` and a second head ``D*K + K``.
     """
     c = config
     d, m = c.dim, c.mlp_dim
@@ -223,6 +280,29 @@ def expected_num_parameters(config: ViTConfig) -> int:
         patch = sum(9 * a * b + 2 * b for a, b in zip(widths, widths[1:])) + widths[-1] * d + d
     else:
         patch = c.patch_size**2 * c.in_channels * d + d
-    tokens = d + c.seq_len * d
+    tokens = c.num_prefix_tokens * d + c.seq_len * d  # CLS (and distillation) token, positions
     block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (2 * d * m + m + d) + int(c.lsa)
-    return patch + tokens + c.depth * block + 2 * d + (d * c.num_classes + c.num_classes)
+    heads = (1 + int(c.distilled)) * (d * c.num_classes + c.num_classes)
+    return patch + tokens + c.depth * block + 2 * d + heads
+
+
+def require_plain_vit(config: ViTConfig, what: str, *, distilled_ok: bool = False) -> None:
+    """Refuse, in one sentence, a :class:`ViTConfig` that uses an option ``what`` does not compute.
+
+    ``what`` names the consumer that only knows the plain ViT (e.g. ``"timm"``): one linear patch
+    embedding, standard attention and a single CLS token. ``distilled_ok=True`` lets a
+    distillation token through, for consumers that know DeiT's distilled ViT as well.
+
+    Raises:
+        ValueError: if ``config.stem != "patch"``, ``config.lsa`` is on, or ``config.distilled``
+            is on without ``distilled_ok``.
+    """
+    used = ([f"stem={config.stem!r}"] if config.stem != "patch" else []) + (["lsa=True"] if config.lsa else [])
+    lacks = "shifted patch tokenization, convolutional stem or locality self-attention"
+    fix = "stem='patch' and lsa=False"
+    if not distilled_ok:
+        used += ["distilled=True"] if config.distilled else []
+        lacks = "shifted patch tokenization, convolutional stem, locality self-attention or distillation token"
+        fix = "stem='patch', lsa=False and distilled=False"
+    if used:
+        raise ValueError(f"{what} has no {lacks}, so it cannot take a ViTConfig with {' and '.join(used)}; use {fix}.")
