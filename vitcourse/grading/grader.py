@@ -9,9 +9,9 @@ Two phases, decided by the grader alone (never by anything a submission writes):
    hidden check. Their skips, problems, messages and timing go nowhere, so nothing computed
    after a hidden input arrived can reach what is shown.
 
-Every record a run writes is plain JSON read with bounds (:func:`.sandbox.parse_record`); a
-record that is malformed or out of place is ignored; values are compared here with the
-course's reference code.
+Every record a run writes is plain JSON read with bounds, as :mod:`.protocol` defines it; a
+record that is malformed or out of place is ignored (:func:`.protocol.read_run`); values are
+compared here with the course's reference code.
 
 Budgets: the setup statements share ``setup_seconds`` in each run; in each phase, all checks of
 an exercise share its ``exercise_seconds``; a submission's runs together get at most
@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .inside import SCRATCH
 from .notebook import Statement, clean, read_notebook, rule_findings, select_statements
+from .protocol import BEGIN, BUDGET, DONE, END, SETUP_TIMEOUT, SIGNAL, SKIPPED, TIMEOUT, UNSUPPORTED, Record, read_run
 from .runtime import decode, encode
 from .spec import Case, Chapter, load_hidden, seed_for
 
@@ -163,27 +164,27 @@ class _Clock:
         self.budgets = {k: float(v) for k, v in job["budgets"].items()}
         self.limit, self.current, self.began = start_seconds, None, 0.0
 
-    def see(self, record: dict, t: float) -> None:
-        begin = record.get("begin")
-        finished = record.get("done") if record.get("done") in self.statements else record.get("end")
-        if isinstance(begin, str) and begin in self.statements:
-            self.current, self.began = begin, t
+    def see(self, record: Record, t: float) -> None:
+        kind, key = record.kind, record.id
+        if kind == BEGIN and key in self.statements:
+            self.current, self.began = key, t
             allowance = self.setup_left if self.setup_left > 0 else (
-                self.grace if self.statements[begin].definition else 0.0)
+                self.grace if self.statements[key].definition else 0.0)
             self.limit = t + max(allowance, 0.0) + self.SLACK
-        elif isinstance(begin, str) and begin in self.units:
-            self.current, self.began = begin, t
-            self.limit = t + max(self.budgets.get(self.units[begin].exercise, 0.0), 0.0) + self.SLACK
-        elif isinstance(finished, str) and finished == self.current:
+        elif kind == BEGIN and key in self.units:
+            self.current, self.began = key, t
+            self.limit = t + max(self.budgets.get(self.units[key].exercise, 0.0), 0.0) + self.SLACK
+        elif key == self.current and (kind == END or kind == DONE and key in self.statements):
             spent = t - self.began
-            if finished in self.statements:
+            if key in self.statements:
                 if self.setup_left <= 0:
                     self.grace -= spent
                 self.setup_left -= spent
             else:
-                self.budgets[self.units[finished].exercise] = self.budgets.get(self.units[finished].exercise, 0.0) - spent
+                exercise = self.units[key].exercise
+                self.budgets[exercise] = self.budgets.get(exercise, 0.0) - spent
             self.current, self.limit = None, t + self.GAP
-        elif self.current is None and isinstance(record.get("done"), str) and record["done"] in self.statements:
+        elif self.current is None and kind == DONE and key in self.statements:
             self.limit = t + self.GAP  # a skipped statement: done without begin
 
 
@@ -277,27 +278,18 @@ class Grader:
             clock = _Clock(job, by_id, mine, self.limits.start_seconds)
             started = time.monotonic()
             records, ended = self.zygote.run(job, started + min(left, run_seconds), clock)
-            current, began, done = None, {}, {}
-            for record, t in records:
-                if isinstance(record.get("fatal"), str):
-                    raise RuntimeError(clean(record["fatal"]))
-                uid = next((record[k] for k in ("begin", "done", "end") if isinstance(record.get(k), str)), None)
-                if uid in by_id and "begin" in record:
-                    current = uid
-                elif uid in by_id and "done" in record and uid == current:
-                    current = None
-                    if not record.get("ok") and r is not None and uid not in reported:
-                        reported.add(uid)
-                        r.problems.append(self._statement_problem(by_id[uid], record))
-                elif uid in mine and uid not in outcomes and "begin" in record:
-                    current, began[uid] = uid, t
-                elif uid in mine and uid == current and "done" in record:
-                    done.setdefault(uid, record)
-                elif uid in mine and uid not in outcomes and "end" in record:
-                    if uid == current:
-                        budgets[mine[uid].exercise] -= t - began[uid]
-                        current = None
-                    outcomes[uid] = (*self._outcome(mine[uid], record, done.get(uid)), r is None)
+            run = read_run(records, by_id, {u.id for u in pending})
+            if run.fatal is not None:
+                raise RuntimeError(clean(run.fatal))
+            for record in run.failed:
+                if r is not None and record.id not in reported:
+                    reported.add(record.id)
+                    r.problems.append(self._statement_problem(by_id[record.id], record))
+            for uid, how in run.ended.items():
+                if how.spent is not None:
+                    budgets[mine[uid].exercise] -= how.spent
+                outcomes[uid] = (*self._outcome(mine[uid], how.end, how.done), r is None)
+            current = run.current
             if current in by_id:
                 skipped.add(current)
                 why = {"deadline": "did not finish within the setup time", "output": "wrote more output than "
@@ -305,7 +297,7 @@ class Grader:
                 if r is not None:
                     r.problems.append(f"{self._where(by_id[current])} {why}; it was skipped")
             elif current in mine:
-                budgets[mine[current].exercise] -= time.monotonic() - started - began[current]
+                budgets[mine[current].exercise] -= time.monotonic() - started - run.began
                 reason = {"deadline": f"it did not finish within the time limit of exercise "
                           f"{mine[current].exercise} ({self.seconds:g} s)",
                           "output": "it wrote more output than the grader accepts"}.get(ended, "the process running it stopped")
@@ -313,7 +305,7 @@ class Grader:
             else:
                 break  # the run ended between units: running it again would end the same way
 
-    def _outcome(self, unit: Unit, end: dict, done: dict | None) -> tuple[bool, object]:
+    def _outcome(self, unit: Unit, end: Record, done: Record | None) -> tuple[bool, object]:
         status = end.get("status")
         ran = [clean(op, 60) for op in done.get("ops", [])][:5] if done is not None and isinstance(done.get("ops"), list) else []
         if done is not None and done.get("ok") and ran:
@@ -327,13 +319,13 @@ class Grader:
             if kind == "NotImplementedError":
                 return False, "not answered yet (the code still raises NotImplementedError)"
             detail = "" if unit.hidden else f": {clean(done.get('error'), 300)}"
-            return False, ("your code returned a value the grader cannot compare" if kind == "Unsupported"
+            return False, ("your code returned a value the grader cannot compare" if kind == UNSUPPORTED
                            else "your code raised an exception") + detail
-        if status == "budget":
+        if status == BUDGET:
             return False, f"not run: the time limit of exercise {unit.exercise} ({self.seconds:g} s) was used up"
-        if status == "timeout":
+        if status == TIMEOUT:
             return False, f"it did not finish within the time limit of exercise {unit.exercise} ({self.seconds:g} s)"
-        if status == "signal":
+        if status == SIGNAL:
             return False, f"the process running it crashed ({_signal(end.get('signal'))})"
         return False, "the code ended the process (sys.exit, os._exit or similar)"
 
@@ -341,9 +333,9 @@ class Grader:
     def _where(stmt: Statement) -> str:
         return f"cell {stmt.cell}, line {stmt.line} (`{clean(stmt.src.strip().split(chr(10))[0], 60)}`)"
 
-    def _statement_problem(self, stmt: Statement, record: dict) -> str:
-        if record.get("type") == "Skipped":
+    def _statement_problem(self, stmt: Statement, record: Record) -> str:
+        if record.get("type") == SKIPPED:
             return f"{self._where(stmt)} was skipped: the setup time ({self.limits.setup_seconds:g} s) was used up"
-        if record.get("type") == "Timeout":
+        if record.get("type") == SETUP_TIMEOUT:
             return f"{self._where(stmt)} did not finish within the setup time and was stopped"
         return f"{self._where(stmt)} failed: {clean(record.get('error'), 300)}"

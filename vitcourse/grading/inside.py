@@ -15,7 +15,7 @@ root, imports torch (and JAX) once, and then, for every submission, forks a proc
    result as one JSON line; the runner kills it when the exercise's time is used up.
 
 Everything is written to a pipe the grader made for this submission alone, one JSON
-record per line. A run gets either the public checks or the hidden ones, never both: the
+record per line, as :mod:`.protocol` defines them. A run gets either the public checks or the hidden ones, never both: the
 grader runs the hidden checks in runs of their own, whose only output it uses is pass or fail.
 Nothing here compares, scores or enforces a deadline that matters: the grader does, outside,
 from what it observes; it ends a run by killing the runner, PID 1 of the submission's PID
@@ -41,9 +41,11 @@ import time
 import traceback
 
 from . import runtime
+from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER, CLONE_NEWUTS, CLONE_THREAD,
+                    MS_NODEV, MS_NOSUID, MS_PRIVATE, MS_REC, PR_SET_DUMPABLE, PR_SET_PDEATHSIG)
+from .protocol import (BEGIN, BUDGET, DONE, END, EXIT, FATAL, SETUP_TIMEOUT, SIGNAL, SKIPPED, TIMEOUT, UNSUPPORTED,
+                       encode)
 
-NEW = {"user": 0x10000000, "mount": 0x20000, "ipc": 0x8000000, "net": 0x40000000, "uts": 0x4000000,
-       "pid": 0x20000000}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -55,7 +57,7 @@ def _sys(result: int, what: str) -> None:
 def _enter_user_namespace(extra: int = 0) -> None:
     """``unshare`` a new user namespace (plus ``extra``), mapping only our own uid and gid."""
     uid, gid = os.getuid(), os.getgid()
-    _sys(_libc.unshare(NEW["user"] | extra), "unshare")
+    _sys(_libc.unshare(CLONE_NEWUSER | extra), "unshare")
     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
         with open(f"/proc/self/{name}", "w") as f:
             f.write(text)
@@ -68,14 +70,16 @@ environment may live under ``/tmp`` (a checkout made with ``mktemp``), and a tmp
 
 def isolate() -> None:
     """Steps 1-2 of the module docstring for the calling (single-threaded, forked) process."""
-    _libc.prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: needed to write our own uid_map
-    _enter_user_namespace(NEW["mount"] | NEW["ipc"] | NEW["net"] | NEW["uts"] | NEW["pid"])
-    _sys(_libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None), "making mounts private")  # MS_REC|MS_PRIVATE
-    _sys(_libc.mount(b"tmpfs", SCRATCH.encode(), b"tmpfs", 2 | 4, b"size=256m,mode=1777"), f"mounting {SCRATCH}")
+    _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+    _enter_user_namespace(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWPID)
+    _sys(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "making mounts private")
+    _sys(_libc.mount(b"tmpfs", SCRATCH.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=256m,mode=1777"),
+         f"mounting {SCRATCH}")
 
 
-def _write(fd: int, record: dict) -> None:
-    data = ("\n" + json.dumps(record) + "\n").encode()  # the leading newline ends any half line
+def _write(fd: int, kind: str, key: str, **fields) -> None:
+    """Write one record (:func:`.protocol.encode`) to ``fd``."""
+    data = encode(kind, key, **fields)
     while data:
         data = data[os.write(fd, data):]
 
@@ -115,7 +119,7 @@ def _no_new_processes() -> None:
     f = sc.SyscallFilter(sc.ALLOW)
     for name in ("fork", "vfork", "ptrace"):
         f.add_rule(sc.ERRNO(errno.EPERM), name)
-    f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, 0x10000, 0))  # not CLONE_THREAD
+    f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, CLONE_THREAD, 0))
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")  # the C library falls back to clone, checked above
     f.load()
 
@@ -139,9 +143,9 @@ def _run_statements(job: dict, namespace: dict, out: int) -> None:
     for st in job["statements"]:
         allowance = remaining if remaining > 0 else (grace if st["definition"] else 0.0)
         if allowance <= 0:
-            _write(out, {"done": st["id"], "ok": False, "type": "Skipped", "error": "skipped: the setup time was used up"})
+            _write(out, DONE, st["id"], ok=False, type=SKIPPED, error="skipped: the setup time was used up")
             continue
-        _write(out, {"begin": st["id"]})
+        _write(out, BEGIN, st["id"])
         start, error = time.monotonic(), None
         try:
             try:
@@ -152,13 +156,13 @@ def _run_statements(job: dict, namespace: dict, out: int) -> None:
                 _armed = False  # first: from here on the alarm raises nothing
                 signal.setitimer(signal.ITIMER_REAL, 0)
         except _Timeout:
-            error = {"type": "Timeout", "error": "it did not finish within the setup time", "where": ""}
+            error = {"type": SETUP_TIMEOUT, "error": "it did not finish within the setup time", "where": ""}
         except BaseException as err:  # noqa: BLE001 - SystemExit too: it must not end the run
             error = _describe(err)
         spent = time.monotonic() - start
         grace -= spent if remaining <= 0 else max(spent - remaining, 0)
         remaining -= spent
-        _write(out, {"done": st["id"], "ok": error is None, **(error or {})})
+        _write(out, DONE, st["id"], ok=error is None, **(error or {}))
 
 
 def _operator_watch(watched: frozenset):
@@ -202,20 +206,18 @@ def _evaluate(check: dict, namespace: dict) -> tuple[object, list[str]]:
 
 
 def _check_child(check: dict, namespace: dict, out: int, seconds: float) -> None:
-    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     _limit(resource.RLIMIT_CPU, math.ceil(seconds) + 1)
     _no_new_processes()
     runtime.seed_all(0)
     try:
         value, ops = _evaluate(check, namespace)
-        record = {"done": check["id"], "ok": True, "value": runtime.encode(runtime.to_plain(value))}
-        if ops:
-            record["ops"] = ops
+        result = {"ok": True, "value": runtime.encode(runtime.to_plain(value)), **({"ops": ops} if ops else {})}
     except runtime.Unsupported as err:
-        record = {"done": check["id"], "ok": False, "type": "Unsupported", "error": f"returned {err}", "where": ""}
+        result = {"ok": False, "type": UNSUPPORTED, "error": f"returned {err}", "where": ""}
     except BaseException as err:  # noqa: BLE001
-        record = {"done": check["id"], "ok": False, **_describe(err)}
-    _write(out, record)
+        result = {"ok": False, **_describe(err)}
+    _write(out, DONE, check["id"], **result)
 
 
 def _wait(pid: int, seconds: float) -> int | None:
@@ -239,9 +241,9 @@ def _run_checks(checks: list, budgets: dict, namespace: dict, out: int) -> None:
     for check in checks:
         group = check["exercise"]
         if budgets[group] <= 0:
-            _write(out, {"end": check["id"], "status": "budget"})
+            _write(out, END, check["id"], status=BUDGET)
             continue
-        _write(out, {"begin": check["id"]})
+        _write(out, BEGIN, check["id"])
         start = time.monotonic()
         pid = os.fork()
         if pid == 0:
@@ -252,12 +254,12 @@ def _run_checks(checks: list, budgets: dict, namespace: dict, out: int) -> None:
         status = _wait(pid, budgets[group])
         budgets[group] -= time.monotonic() - start
         if status is None:
-            end = {"status": "timeout"}
+            end = {"status": TIMEOUT}
         elif os.WIFSIGNALED(status):
-            end = {"status": "signal", "signal": os.WTERMSIG(status)}
+            end = {"status": SIGNAL, "signal": os.WTERMSIG(status)}
         else:
-            end = {"status": "exit", "code": os.WEXITSTATUS(status)}
-        _write(out, {"end": check["id"], **end})
+            end = {"status": EXIT, "code": os.WEXITSTATUS(status)}
+        _write(out, END, check["id"], **end)
 
 
 def runner(out: int, job: dict) -> None:
@@ -294,7 +296,7 @@ def _submission(fds: list[int], sandboxed: bool) -> None:
     """
     out, job_fd = fds
     os.setsid()
-    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die with the zygote
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # die with the zygote
     runner_pid: list[int] = []
 
     def stop(*_) -> None:
@@ -309,12 +311,12 @@ def _submission(fds: list[int], sandboxed: bool) -> None:
         try:
             isolate()
         except OSError as err:
-            _write(out, {"fatal": f"the sandbox could not isolate the submission ({err})"})
+            _write(out, FATAL, f"the sandbox could not isolate the submission ({err})")
             return
     pid = os.fork()
     if pid == 0:
         try:
-            _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if sandboxed:
                 _enter_user_namespace()
@@ -328,7 +330,7 @@ def _submission(fds: list[int], sandboxed: bool) -> None:
 
 def zygote(control_fd: int, preload: str, uid: int | None) -> None:
     """Serve submissions on the control socket: ``run`` (with two fds: the record pipe and the job) and ``end``."""
-    _libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if uid is not None:
         os.setgroups([])

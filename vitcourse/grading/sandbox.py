@@ -4,10 +4,10 @@ With bubblewrap (``bwrap``) the zygote of :mod:`.inside` sees, read-only: ``/usr
 ``/lib`` links, ``/etc/ld.so.cache``, this Python's standard library, and in its
 site-packages only the distributions grading needs (torch, NumPy, einops, JAX for the
 JAX chapter, libseccomp's bindings) with what they require; no timm, no other package.
-It also sees a *view* of ``vitcourse`` holding only ``runtime`` and ``inside`` of the
-grading package and the core modules the chapter allows. Never: the repository, the
+It also sees a *view* of ``vitcourse`` holding only ``runtime``, ``inside``, ``protocol`` and
+``linux`` of the grading package and the core modules the chapter allows. Never: the repository, the
 exercise specs, the hidden checks, the submissions or the output folder. It has no
-network, its own PID and IPC namespaces, and runs as an unprivileged uid (60000 + worker
+network, its own PID and IPC namespaces, and runs as an unprivileged uid (:data:`UID_BASE` + worker
 number when the grader runs as root). Each submission then gets fresh namespaces of its
 own (see :mod:`.inside`).
 """
@@ -20,6 +20,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import site
 import socket
 import subprocess
@@ -32,10 +33,13 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from .inside import SCRATCH
+from .protocol import FATAL, Reader
+from .protocol import decode as parse_record  # noqa: F401 - the name callers and tests use
 
 PACKAGE = Path(__file__).resolve().parent.parent  # .../vitcourse
 ALLOWED = ("torch", "numpy", "einops", "pyseccomp")
-MAX_OUTPUT = 64 * 2**20  # bytes one run may write
+VIEW = ("runtime.py", "inside.py", "protocol.py", "linux.py")  # of the grading package: what the sandbox sees
+UID_BASE = 60000  # a zygote started as root runs as UID_BASE + its worker number
 
 
 def _closure(names) -> list:
@@ -111,12 +115,12 @@ def environment(sandboxed: bool, home: str) -> dict:
 
 
 def build_view(dest: Path, core_modules: tuple[str, ...]) -> Path:
-    """Write the sandbox's ``vitcourse`` into ``dest``: ``runtime``, ``inside``, a no-op ``check``, ``core_modules``."""
+    """Write the sandbox's ``vitcourse`` into ``dest``: the :data:`VIEW` modules, a no-op ``check``, ``core_modules``."""
     (dest / "vitcourse" / "grading").mkdir(parents=True)
     (dest / "vitcourse" / "__init__.py").write_text('"""vitcourse as seen while grading."""\n')
     (dest / "vitcourse" / "grading" / "__init__.py").write_text(
         'def check(exercise_id, namespace=None):\n    """No-op while grading: the grader runs its own checks."""\n')
-    for name in ("runtime.py", "inside.py"):
+    for name in VIEW:
         shutil.copy(PACKAGE / "grading" / name, dest / "vitcourse" / "grading" / name)
     for module in core_modules:
         shutil.copy(PACKAGE / f"{module}.py", dest / "vitcourse" / f"{module}.py")
@@ -140,7 +144,7 @@ def bwrap_status() -> tuple[bool, str]:
             return False, f"bubblewrap cannot create a sandbox on this machine ({err})"
         finally:
             zygote.close()
-    fatal = [r["fatal"] for r, _ in records if isinstance(r.get("fatal"), str)]
+    fatal = [r.id for r, _ in records if r.kind == FATAL]
     if fatal or ended != "eof":
         return False, fatal[0] if fatal else f"the sandbox did not run a test submission ({ended})"
     return True, "bubblewrap, with fresh namespaces for each submission"
@@ -158,7 +162,7 @@ class Zygote:
         """Start the zygote and wait until it has imported its modules."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         root = os.geteuid() == 0
-        uid = [str(60000 + self.slot)] if root and self.sandboxed else []
+        uid = [str(UID_BASE + self.slot)] if root and self.sandboxed else []
         self.home = SCRATCH if self.sandboxed else tempfile.mkdtemp(prefix="vitcourse-grading-")
         if not self.sandboxed:
             shutil.copytree(self.view, Path(self.home) / "grader")
@@ -178,11 +182,12 @@ class Zygote:
     def run(self, job: dict, deadline: float, watch=None):
         """Run one submission; return ``(records, ended)``.
 
-        ``records`` are ``(record, seconds since start)`` for every JSON line; ``ended`` is ``"eof"`` (the
-        run finished or died), ``"deadline"`` or ``"output"`` (it wrote too much). ``watch``, if given, is
-        told every record (``watch.see(record, t)``) and says how many seconds after the start the run may
-        go on (``watch.limit``): the grader's own clock for the statement or check in progress, enforced
-        here from outside, whatever the code inside does with its signals. The run is then killed.
+        ``records`` are ``(record, seconds since start)`` for every :class:`.protocol.Record` read; ``ended``
+        is ``"eof"`` (the run finished or died), ``"deadline"`` or ``"output"`` (it wrote more than
+        :data:`.protocol.MAX_OUTPUT`). ``watch``, if given, is told every record (``watch.see(record, t)``)
+        and says how many seconds after the start the run may go on (``watch.limit``): the grader's own
+        clock for the statement or check in progress, enforced here from outside, whatever the code inside
+        does with its signals. The run is then killed.
         """
         r, w = os.pipe()
         with tempfile.TemporaryFile() as job_file:
@@ -190,7 +195,7 @@ class Zygote:
             job_file.seek(0)
             socket.send_fds(self.control, [b"run"], [w, job_file.fileno()])
         os.close(w)
-        records, buffer, total, start, ended = [], bytearray(), 0, time.monotonic(), "eof"
+        records, reader, start, ended = [], Reader(), time.monotonic(), "eof"
         try:
             while True:
                 until = deadline if watch is None else min(deadline, start + watch.limit)
@@ -203,17 +208,11 @@ class Zygote:
                 chunk = os.read(r, 1 << 20)
                 if not chunk:
                     break
-                total += len(chunk)
-                buffer += chunk
-                *lines, rest = buffer.split(b"\n")
-                buffer = bytearray(rest)
-                if total > MAX_OUTPUT:
+                read = reader.feed(chunk)
+                if read is None:
                     ended = "output"
                     break
-                for line in lines:
-                    record = parse_record(line)
-                    if record is None:
-                        continue
+                for record in read:
                     t = time.monotonic() - start
                     records.append((record, t))
                     if watch is not None:
@@ -240,7 +239,7 @@ class Zygote:
         """Stop the zygote (and with it every process of the sandbox)."""
         if self.proc is not None:
             try:
-                os.killpg(self.proc.pid, 9)
+                os.killpg(self.proc.pid, signal.SIGKILL)
             except OSError:
                 pass
             self.proc.wait()
@@ -248,12 +247,3 @@ class Zygote:
             self.control.close()
         if self.home and not self.sandboxed:
             shutil.rmtree(self.home, ignore_errors=True)
-
-
-def parse_record(line: bytes) -> dict | None:
-    """One JSON record, or None for anything else (never raises)."""
-    try:
-        record = json.loads(line.decode("utf-8", "replace"), parse_int=lambda s: int(s) if len(s) < 20 else 0)
-    except (ValueError, RecursionError):
-        return None
-    return record if isinstance(record, dict) else None
