@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 WORKERS ?= 2
-# Chapters keep training runs here; the book build and nbval share them (see vitcourse.utils.runs_dir).
+# Chapters keep training runs here; the book build and nbval share them (see vitcourse.paths.runs_dir).
 export VITCOURSE_RUNS ?= $(CURDIR)/_build/runs
 
 .PHONY: book test env clean linkcheck student-notebooks

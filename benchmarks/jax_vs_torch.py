@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from vitcourse.train import CONFIGS
-from vitcourse.vit import PRESETS, ViTConfig, VisionTransformer
+from vitcourse.vit import PRESETS, VisionTransformer, ViTConfig
 
 __all__ = ["benchmark_train_steps", "main"]
 

@@ -208,7 +208,7 @@ def test_position_code_tells_a_grid_from_a_centre_border_code_from_noise(seed):
 
 def test_vit_initial_positions_read_as_neither():
     # the course's initialisation (trunc-normal, std 0.02) of a ViT's positions: independent random vectors
-    from vitcourse import ViTConfig, VisionTransformer
+    from vitcourse import VisionTransformer, ViTConfig
 
     for seed in range(6):
         torch.manual_seed(seed)

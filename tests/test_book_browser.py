@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from book_browser import check_site, find_chromium, site_pages
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import dataclasses
 
 from vitcourse import count_parameters
 from vitcourse.recipes import RECIPE_SETTINGS, recipe_differences, small_comparison
-from vitcourse.train import CONFIGS, _optimizer, build_model
+from vitcourse.train import CONFIGS, build_model, build_optimizer
 
 QUICK = CONFIGS["quick"]
 SMALL = small_comparison(QUICK, CONFIGS["seed-blog"])
@@ -23,7 +23,7 @@ def test_weight_decay_applies_to_the_parameters_the_chapter_names():
     # and the patch-embedding kernel), none on biases, LayerNorm gains and shifts, the CLS token or the positions.
     for cfg in (QUICK, SMALL["vit"], CONFIGS["cifar10"]):
         model = build_model(cfg, 10)
-        decayed = {id(p) for g in _optimizer(cfg, model).param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        decayed = {id(p) for g in build_optimizer(cfg, model).param_groups if g["weight_decay"] > 0 for p in g["params"]}
         for name, p in model.named_parameters():
             exempt = p.ndim < 2 or name.endswith(("cls_token", "pos_embed"))
             assert (id(p) in decayed) is not exempt, name

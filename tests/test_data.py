@@ -115,7 +115,7 @@ def test_missing_cifar_says_where_it_looked(tmp_path):
 
 
 def test_missing_cifar_falls_back_to_synthetic_only_when_allowed(tmp_path, monkeypatch):
-    import vitcourse.data as data_module
+    import vitcourse.data.cifar as data_module
 
     calls = []
 
@@ -137,7 +137,7 @@ def test_missing_cifar_falls_back_to_synthetic_only_when_allowed(tmp_path, monke
 
 
 def test_offline_variable_forbids_downloads(tmp_path, monkeypatch):
-    import vitcourse.data as data_module
+    import vitcourse.data.cifar as data_module
 
     def download(*args, **kwargs):
         raise AssertionError("tried to download although VITCOURSE_OFFLINE is set")
@@ -183,7 +183,7 @@ def slow_server():
 def test_download_has_a_total_deadline_not_only_a_read_timeout(tmp_path, slow_server):
     import time
 
-    from vitcourse.data import download_file
+    from vitcourse.data.cifar import download_file
 
     start = time.monotonic()
     # every read gets a byte well within the 10 s read timeout, so only the total deadline can stop it
@@ -196,7 +196,7 @@ def test_download_has_a_total_deadline_not_only_a_read_timeout(tmp_path, slow_se
 def test_download_checks_the_checksum_and_writes_the_file_whole(tmp_path, slow_server):
     import hashlib
 
-    from vitcourse.data import download_file
+    from vitcourse.data.cifar import download_file
 
     with pytest.raises(ValueError, match="checksum"):
         download_file(slow_server, tmp_path / "file", timeout=10, deadline=30, md5="0" * 32)
@@ -406,12 +406,14 @@ def test_unreadable_and_corrupt_files_are_described_differently_ten_named_then_c
 
 
 def test_checking_a_large_folder_shows_a_progress_bar(tmp_path, monkeypatch, capsys):
-    import vitcourse.data as data_module
+    import vitcourse.data.folder as data_module
 
     root = _image_folder(tmp_path / "imgs", {"a": 4, "b": 4})
     monkeypatch.setattr(data_module, "CHECK_PROGRESS_FROM", 5)
     load_data(str(root), image_size=8)
     assert "checking images" in capsys.readouterr().err
+    load_data(str(root), image_size=8, progress=False)  # --no-progress: no bar, however large the folder
+    assert capsys.readouterr().err == ""
     monkeypatch.setattr(data_module, "CHECK_PROGRESS_FROM", 500)
     load_data(str(root), image_size=8)
     assert capsys.readouterr().err == ""
@@ -476,7 +478,7 @@ def test_a_sub_folder_that_cannot_be_listed_is_reported_not_silently_missing(tmp
 
 
 def test_files_checked_by_another_process_are_used_without_opening_them(tmp_path, monkeypatch):
-    import vitcourse.data as data_module
+    import vitcourse.data.folder as data_module
 
     root = _image_folder(tmp_path / "imgs", {"a": 6, "b": 6})
     first = load_data(str(root), image_size=8)
@@ -488,7 +490,7 @@ def test_files_checked_by_another_process_are_used_without_opening_them(tmp_path
 
 
 def test_an_edited_stand_in_generator_never_reads_the_old_cache(monkeypatch):
-    from vitcourse import data as data_module
+    from vitcourse.data import synthetic as data_module
 
     before = data_module._generator_digest()
     assert before == data_module._generator_digest()  # stable for the same code

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from vitcourse import ViTConfig
-from vitcourse.evaluate import evaluate_checkpoint, load_trained, main
+from vitcourse.cli.evaluate import main
+from vitcourse.evaluate import evaluate_checkpoint, load_trained
 from vitcourse.train import TrainConfig, build_data, train
 
 CFG = TrainConfig(name="eval", vit=ViTConfig(dim=32, depth=1, heads=2, mlp_dim=64), data="synthetic", subset=128,
@@ -46,7 +47,7 @@ def test_accuracy_matches_a_manual_count(run):
 def test_command_line_prints_json(run):
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo), "VITCOURSE_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "vitcourse.evaluate", str(run / "last.safetensors")], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "vitcourse", "evaluate", str(run / "last.safetensors")], capture_output=True,
                           text=True, timeout=300, cwd=repo, env=env)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -80,7 +81,7 @@ def test_corrupt_image_in_a_worker_process_is_one_line(tmp_path, run):
     # A fresh process: DataLoader workers are forked, and forking a test process that has
     # imported JAX (multithreaded) can deadlock.
     result = subprocess.run(
-        [sys.executable, "-m", "vitcourse.evaluate", str(run / "best.safetensors"), "--data", str(tmp_path / "imgs"),
+        [sys.executable, "-m", "vitcourse", "evaluate", str(run / "best.safetensors"), "--data", str(tmp_path / "imgs"),
          "--num-workers", "1"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "VITCOURSE_OFFLINE": "1"},
     )
@@ -124,7 +125,7 @@ def test_a_checkpoint_that_runs_code_is_refused_and_runs_nothing(tmp_path, capsy
     assert "was not loaded because it asks to run code" in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("command", [["vitcourse.evaluate"], ["vitcourse", "evaluate"]])
+@pytest.mark.parametrize("command", [["vitcourse", "evaluate"]])
 def test_a_malicious_checkpoint_through_the_real_command_line_creates_no_file(tmp_path, command):
     path = _evil_files(tmp_path)["torch.save zip"]  # the case: python -m vitcourse.evaluate evil.pt
     repo = Path(__file__).resolve().parents[1]
@@ -177,25 +178,8 @@ def test_damaged_or_foreign_files_are_one_sentence(tmp_path, capsys, run):
         assert message in err and len(err.strip().splitlines()) == 1, (name, err)
 
 
-def test_old_pt_checkpoints_load_through_the_safe_path_and_convert(tmp_path, run):
-    import numpy as np
-
-    from vitcourse.train import convert_checkpoint, load_checkpoint
-
-    new = load_checkpoint(run / "best.safetensors")
-    old = {"config": new["config"], "model": new["model"], "epoch": 1, "val_acc": 0.1, "classes": tuple(new["classes"]),
-           "source": "synthetic", "mean": tuple(new["mean"]), "std": tuple(new["std"]), "model_name": "vit",
-           "state": {"epoch": 1}, "rng": [{"numpy": np.random.get_state()}]}  # the old last.pt kept NumPy arrays
-    torch.save(old, tmp_path / "last.pt")
-    loaded = load_checkpoint(tmp_path / "last.pt")
-    assert loaded["epoch"] == 1 and list(loaded["classes"]) == list(new["classes"])
-    converted = convert_checkpoint(tmp_path / "last.pt", tmp_path / "converted.safetensors")
-    a, b = evaluate_checkpoint(converted), evaluate_checkpoint(run / "best.safetensors")
-    assert a["test_acc"] == b["test_acc"] and a["test_loss"] == b["test_loss"]
-
-
 def test_non_finite_results_are_null_with_a_warning(tmp_path, capsys, run):
-    from vitcourse.train import load_checkpoint, save_weights
+    from vitcourse.checkpoint import load_checkpoint, save_weights
 
     checkpoint = load_checkpoint(run / "best.safetensors")
     weights = {k: v.clone() for k, v in checkpoint.pop("model").items()}

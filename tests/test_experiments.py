@@ -16,9 +16,21 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from vitcourse import count_parameters, experiments
-from vitcourse.experiments import (Recipe, TensorData, augment_batch, cache_key, compare_sentence, downsample,
-                                   gap_sentence, layernorm_sentence, model_from_spec, plateau_sentence,
-                                   run_experiments, train_seed, trend_sentence)
+from vitcourse.experiments import (
+    Recipe,
+    TensorData,
+    augment_batch,
+    cache_key,
+    compare_sentence,
+    downsample,
+    gap_sentence,
+    layernorm_sentence,
+    model_from_spec,
+    plateau_sentence,
+    run_experiments,
+    train_seed,
+    trend_sentence,
+)
 from vitcourse.stats import compare, seed_estimate, trend
 
 VIT = {"kind": "vit", "image_size": 8, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from grading_corpus.make_corpus import OWN_ATTENTION  # attention with its own softmax
+
 from vitcourse.grading import analyse
 from vitcourse.grading.batch import grade_folder
 from vitcourse.grading.grader import Limits

@@ -1,15 +1,15 @@
-"""vitcourse.images: every Pillow mode to exact 8-bit RGB, refusals by name, safe display of file names."""
+"""vitcourse.data.images: every Pillow mode to exact 8-bit RGB, refusals by name, safe display of file names."""
 
 import os
-import warnings
 import struct
+import warnings
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from vitcourse.images import ImageError, display_name, open_rgb8, to_rgb8
+from vitcourse.data.images import ImageError, display_name, open_rgb8, to_rgb8
 
 RNG = np.random.default_rng(0)
 

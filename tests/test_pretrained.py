@@ -6,10 +6,17 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vitcourse import VisionTransformer, ViTConfig
-from vitcourse import pretrained
-from vitcourse.pretrained import (adapt, config_from_timm, fit, freeze_all_but_head, load_timm,
-                                  make_photo_folder, param_groups, resize_pos_embed)
+from vitcourse import VisionTransformer, ViTConfig, pretrained
+from vitcourse.pretrained import (
+    adapt,
+    config_from_timm,
+    fit,
+    freeze_all_but_head,
+    load_timm,
+    make_photo_folder,
+    param_groups,
+    resize_pos_embed,
+)
 from vitcourse.timm_compat import from_timm
 
 timm = pytest.importorskip("timm")

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from vitcourse.config import run_dir
 from vitcourse.evaluate import load_trained
 from vitcourse.recipes import (
     HARDWARE_NOTE,
@@ -22,7 +23,6 @@ from vitcourse.recipes import (
     with_recipe,
 )
 from vitcourse.train import CONFIGS, build_data, evaluate_model
-from vitcourse.utils import run_dir
 
 QUICK = CONFIGS["quick"]
 

@@ -198,8 +198,9 @@ def test_invalid_options_are_refused_in_one_sentence(kwargs, message):
 
 @pytest.mark.parametrize("options", [dict(stem="spt", lsa=True), dict(stem="conv")])
 def test_checkpoints_round_trip_the_options(tmp_path, monkeypatch, options):
+    from vitcourse.checkpoint import load_checkpoint
     from vitcourse.evaluate import evaluate_checkpoint, load_trained
-    from vitcourse.train import TrainConfig, load_checkpoint, train
+    from vitcourse.train import TrainConfig, train
 
     monkeypatch.setenv("VITCOURSE_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("VITCOURSE_OFFLINE", "1")

@@ -14,16 +14,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_cli_errors import assert_one_sentence, vitcourse
 from torch.testing import assert_close
 
-from vitcourse import ViTConfig
-from vitcourse import pretrained
+from vitcourse import ViTConfig, pretrained
+from vitcourse.checkpoint import load_checkpoint
 from vitcourse.evaluate import load_trained
-from vitcourse.pretrained import renormalize, with_init
-from vitcourse.train import (BEST_FILE, CONFIGS, LAST_FILE, ConfigMismatch, build_data, build_model, fingerprint,
-                             load_checkpoint, train)
-
-from test_cli_errors import assert_one_sentence, vitcourse
+from vitcourse.pretrained import with_init
+from vitcourse.train import BEST_FILE, CONFIGS, LAST_FILE, ConfigMismatch, build_data, build_model, fingerprint, train
 
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -104,18 +102,11 @@ def test_config_takes_the_checkpoint_architecture_at_the_data_resolution(folder,
     plain = cfg.replace(init=None, init_file=None)
     assert len({fingerprint(cfg), fingerprint(plain), fingerprint(cfg.replace(init_file="other.safetensors")),
                 fingerprint(cfg.replace(body_lr_scale=0.1))}) == 4
-    legacy = {k: v for k, v in CONFIGS["quick"].to_dict().items() if k not in ("init", "init_file", "body_lr_scale")}
-    import hashlib
-    import json
-
-    legacy = {k: v for k, v in legacy.items()
-              if k not in ("max_steps", "num_workers", "checkpoint_every", "data_root", "eval_batch_size")}
-    legacy["vit"] = {k: v for k, v in legacy["vit"].items() if k not in ("stem", "lsa")}  # added later still
     spt = CONFIGS["quick"].replace(vit=dataclasses.replace(CONFIGS["quick"].vit, stem="spt"))
     assert fingerprint(spt) != fingerprint(CONFIGS["quick"])
-    assert fingerprint(CONFIGS["quick"]) == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:8]
     for bad, needle in ((f"{NAME}", "timm:NAME"), ("timm:", "timm:NAME"), ("timm:no_such_vit_at_all", "no model"),
-                        ("timm:resnet18", "not a ViT")):
+                        ("timm:resnet18", "not a ViT"),
+                        (f"timm:{NAME}.augreg_in21k_ft_in1kk", "no weights tagged 'augreg_in21k_ft_in1kk'")):
         with pytest.raises(ValueError, match=needle):
             with_init(CONFIGS["quick"], bad)
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -124,16 +115,17 @@ def test_config_takes_the_checkpoint_architecture_at_the_data_resolution(folder,
 
 def test_images_follow_the_checkpoint_statistics(folder, timm_file):
     cfg = config(folder, timm_file[1])
-    bundle = build_data(cfg)
+    renormed = build_data(cfg)  # the statistics are settled before the data is built: no second pass
+    plain = build_data(cfg.replace(init=None, init_file=None))
     mean, std = pretrained.init_statistics(cfg.init)
     assert (mean, std) == (tuple(timm.models.get_pretrained_cfg(NAME).mean), tuple(timm.models.get_pretrained_cfg(NAME).std))
-    renormed = renormalize(bundle, mean, std)
-    assert (renormed.mean, renormed.std) == (mean, std) and renormed.split == bundle.split
-    relative = bundle.split["test"][0]
+    assert (renormed.mean, renormed.std) == (mean, std) and renormed.split == plain.split
+    assert (plain.mean, plain.std) != (mean, std)
+    relative = renormed.split["test"][0]
     pixels = torch.from_numpy(np.asarray(Image.open(folder / relative).convert("RGB")).copy()).permute(2, 0, 1)
     expected = (pixels.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     assert_close(renormed.test[0][0], expected, rtol=0, atol=1e-5)
-    assert renormed.test[0][1] == bundle.test[0][1]
+    assert renormed.test[0][1] == plain.test[0][1]
 
 
 def test_run_starts_from_the_file_trains_and_checkpoints_load(folder, timm_file, tmp_path, monkeypatch):
@@ -161,11 +153,11 @@ def test_run_starts_from_the_file_trains_and_checkpoints_load(folder, timm_file,
 
 
 def test_body_lr_scale_sets_the_body_learning_rate(folder, timm_file):
-    from vitcourse.train import _optimizer
+    from vitcourse.train import build_optimizer
 
     cfg = config(folder, timm_file[1], body_lr_scale=0.1)
     model = build_model(cfg, 3)
-    groups = _optimizer(cfg, model).param_groups
+    groups = build_optimizer(cfg, model).param_groups
     head = {id(p) for p in model.head.parameters()}
     for group in groups:
         is_head = {id(p) in head for p in group["params"]}
@@ -173,10 +165,10 @@ def test_body_lr_scale_sets_the_body_learning_rate(folder, timm_file):
         assert group["lr"] == pytest.approx(cfg.lr * (1.0 if is_head == {True} else 0.1))
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     onecycle = cfg.replace(schedule="onecycle", max_lr=0.02)
-    from vitcourse.train import _scheduler
+    from vitcourse.train import build_scheduler
 
-    optimizer = _optimizer(onecycle, model)
-    _scheduler(onecycle, optimizer, total_steps=10, steps_per_epoch=10)
+    optimizer = build_optimizer(onecycle, model)
+    build_scheduler(onecycle, optimizer, total_steps=10, steps_per_epoch=10)
     assert [g["max_lr"] for g in optimizer.param_groups] == pytest.approx([0.02, 0.02, 0.002, 0.002])
 
 
@@ -249,31 +241,60 @@ def test_unreachable_hub_is_one_sentence_that_points_to_a_local_file(folder, tim
         pretrained.init_from_timm(build_model(cfg, 3), cfg)
 
 
-def test_a_run_written_before_the_init_and_stem_fields_existed_still_resumes(folder, tmp_path):
-    from vitcourse.train import RESUME_FILE
-
-    cfg = CONFIGS["quick"].replace(data=str(folder), allow_synthetic=False, batch_size=6, epochs=1, max_steps=1)
-    out = tmp_path / "old"
-    rows = train(cfg, out, progress=False)
-    state = torch.load(out / RESUME_FILE, weights_only=True)
-    for key in ("init", "init_file", "body_lr_scale"):  # as an older vitcourse wrote it
-        del state["config"][key]
-    for key in ("stem", "lsa"):
-        del state["config"]["vit"][key]
-    torch.save(state, out / RESUME_FILE)
-    assert train(cfg, out, progress=False) == rows  # finished: returns its rows, no ConfigMismatch
-
-
 def test_evaluate_scores_an_init_run_with_the_checkpoint_statistics(folder, timm_file, tmp_path):
     from vitcourse.evaluate import evaluate_checkpoint, evaluate_model
 
     cfg = config(folder, timm_file[1])
     train(cfg, tmp_path / "run", progress=False)
     model, _, checkpoint = load_trained(tmp_path / "run" / BEST_FILE)
-    data = build_data(cfg)
-    assert tuple(data.mean) != tuple(checkpoint["mean"])  # the folder's own statistics are not timm's 0.5
-    expected = evaluate_model(model, renormalize(data, checkpoint["mean"], checkpoint["std"]).test)
+    data = build_data(cfg.replace(init=None, init_file=None))  # the folder's own statistics
+    assert tuple(data.mean) != tuple(checkpoint["mean"])  # are not timm's 0.5
+    expected = evaluate_model(model, build_data(cfg).test)  # the run's: the checkpoint's statistics
     wrong = evaluate_model(model, data.test)
     assert wrong["loss"] != pytest.approx(expected["loss"])  # the normalisation changes the logits
     result = evaluate_checkpoint(tmp_path / "run" / BEST_FILE)
     assert result["test_loss"] == pytest.approx(expected["loss"]) and result["test_acc"] == expected["acc"]
+
+
+def _save_original_npz(weights: dict, depth: int, heads: int, path) -> None:
+    """``weights`` (a timm ViT's state dict) written in the layout of the original JAX ``.npz`` checkpoints."""
+    def a(t):
+        return t.detach().numpy()
+
+    dim = weights["cls_token"].shape[-1]
+    arrays = {"embedding/kernel": a(weights["patch_embed.proj.weight"].permute(2, 3, 1, 0)),
+              "embedding/bias": a(weights["patch_embed.proj.bias"]), "cls": a(weights["cls_token"]),
+              "Transformer/posembed_input/pos_embedding": a(weights["pos_embed"]),
+              "Transformer/encoder_norm/scale": a(weights["norm.weight"]),
+              "Transformer/encoder_norm/bias": a(weights["norm.bias"]),
+              "head/kernel": a(weights["head.weight"].T), "head/bias": a(weights["head.bias"])}
+    for i in range(depth):
+        p, b = f"Transformer/encoderblock_{i}/", f"blocks.{i}."
+        mha = p + "MultiHeadDotProductAttention_1/"
+        for k, name in enumerate(("query", "key", "value")):
+            part = weights[b + "attn.qkv.weight"][k * dim:(k + 1) * dim]  # (out, in)
+            arrays[f"{mha}{name}/kernel"] = a(part.T.reshape(dim, heads, dim // heads))
+            arrays[f"{mha}{name}/bias"] = a(weights[b + "attn.qkv.bias"][k * dim:(k + 1) * dim].reshape(heads, -1))
+        arrays[mha + "out/kernel"] = a(weights[b + "attn.proj.weight"].reshape(dim, heads, dim // heads).permute(1, 2, 0))
+        arrays[mha + "out/bias"] = a(weights[b + "attn.proj.bias"])
+        for norm, ours in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            arrays[f"{p}{norm}/scale"], arrays[f"{p}{norm}/bias"] = (a(weights[f"{b}{ours}.weight"]),
+                                                                     a(weights[f"{b}{ours}.bias"]))
+        for r in range(2):
+            arrays[f"{p}MlpBlock_3/Dense_{r}/kernel"] = a(weights[f"{b}mlp.fc{r + 1}.weight"].T)
+            arrays[f"{p}MlpBlock_3/Dense_{r}/bias"] = a(weights[f"{b}mlp.fc{r + 1}.bias"])
+    np.savez(path, **arrays)
+
+
+def test_an_original_npz_checkpoint_loads_through_timms_reader_exactly(timm_file, tmp_path, folder):
+    """--init-file accepts the original ViT ``.npz`` weights: timm's own reader, every tensor equal."""
+    weights, _ = timm_file
+    path = tmp_path / "vit_tiny.npz"
+    _save_original_npz(weights, depth=12, heads=3, path=path)
+    loaded = pretrained.load_timm(NAME, file=path, fallback=False).model.state_dict()
+    assert set(loaded) == set(weights)
+    for key, value in weights.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
+    done = vitcourse(tmp_path, "train", "--config", "quick", "--data", folder, "--init", INIT, "--init-file", path,
+                     "--batch-size", "6", "--max-steps", "1", "--no-progress", "--out", tmp_path / "run")
+    assert done.returncode == 0, done.stderr

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vitcourse import viz
-from vitcourse.utils import runs_dir, sample_image, seed_everything
+from vitcourse.paths import runs_dir
+from vitcourse.utils import sample_image, seed_everything
 
 
 def test_sample_image_is_a_real_photo_offline():
@@ -87,8 +88,8 @@ def _chapter_runs() -> list[tuple[str, object, str | None]]:
 
 
 def test_run_dir_keeps_the_folders_the_chapters_used_before(monkeypatch, tmp_path):
+    from vitcourse.config import run_dir
     from vitcourse.train import CONFIGS, fingerprint
-    from vitcourse.utils import run_dir
 
     monkeypatch.setenv("VITCOURSE_RUNS", str(tmp_path))
     for chapter, cfg, name in _chapter_runs():
@@ -102,18 +103,18 @@ def test_run_dir_keeps_the_folders_the_chapters_used_before(monkeypatch, tmp_pat
 @pytest.mark.parametrize("chapter,name", [("", None), ("../ch05", None), ("ch05/x", None), ("ch05", ""),
                                           ("ch05", "a/b"), ("ch05", "..")])
 def test_run_dir_refuses_paths_that_are_not_one_folder(chapter, name):
+    from vitcourse.config import run_dir
     from vitcourse.train import CONFIGS
-    from vitcourse.utils import run_dir
 
     with pytest.raises(ValueError, match="one folder name"):
         run_dir(CONFIGS["quick"], chapter, name=name)
 
 
 def test_run_dir_needs_a_train_config():
-    from vitcourse.utils import run_dir
+    from vitcourse.config import run_dir
     from vitcourse.vit import ViTConfig
 
-    with pytest.raises(TypeError, match="needs a vitcourse.train.TrainConfig, got ViTConfig"):
+    with pytest.raises(TypeError, match="needs a vitcourse.config.TrainConfig, got ViTConfig"):
         run_dir(ViTConfig(), "ch05")
 
 

@@ -35,13 +35,12 @@ import multiprocessing
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .paths import atomic_write, runs_dir
 from .stats import Estimate, TrendVerdict, Verdict
-from .utils import atomic_write, runs_dir
 
 __all__ = [
     "Recipe", "TensorData", "small_images", "tensors_of", "downsample", "augment_batch", "model_from_spec", "train_seed",
@@ -139,7 +138,8 @@ def small_images(train_size: int, val_size: int, test_size: int, factor: int = 2
         ``(TensorData, DataBundle)``: the tensors ``(N, C, S / factor, S / factor)`` and the bundle they
         came from (for its ``source``, ``classes``, ``mean`` and ``std``).
     """
-    from .train import CONFIGS, build_data
+    from .config import CONFIGS
+    from .train import build_data
 
     bundle = build_data(CONFIGS["quick"].replace(subset=train_size, val_size=val_size, augment="none", seed=seed))
     (tx, ty), (vx, vy), (sx, sy) = tensors_of(bundle.train), tensors_of(bundle.val), tensors_of(bundle.test, test_size)
@@ -222,7 +222,8 @@ class Recipe:
 
     def learning_rates(self, steps_per_epoch: int) -> list[float]:
         """The learning rate of every optimizer step (``epochs * steps_per_epoch`` values)."""
-        from .train import TrainConfig, learning_rates
+        from .config import TrainConfig
+        from .train import learning_rates
 
         cfg = TrainConfig(lr=self.lr, schedule="cosine", warmup_epochs=self.warmup_epochs, epochs=self.epochs)
         return learning_rates(cfg, steps_per_epoch)
@@ -326,7 +327,7 @@ def run_experiments(settings: Mapping[str, tuple[Mapping, int]], data: TensorDat
         data: the images; every setting uses the same validation and test images.
         recipe: the schedule, the same for every setting.
         seeds: the seeds each setting is trained with.
-        folder: the folder under :func:`vitcourse.utils.runs_dir` holding the result files.
+        folder: the folder under :func:`vitcourse.paths.runs_dir` holding the result files.
         workers: processes training in parallel (1: train in this process).
         progress: called as ``progress(finished_runs, how_many)`` to wrap the iterable of runs as they finish,
             e.g. ``lambda runs, n: tqdm(runs, total=n)`` (optional).

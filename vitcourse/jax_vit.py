@@ -48,7 +48,7 @@ except ImportError as err:  # pragma: no cover - jax is in requirements.txt
 from einops import rearrange
 
 from .encoder import LAYER_NORM_EPS
-from .vit import ViTConfig, VisionTransformer, require_plain_vit
+from .vit import VisionTransformer, ViTConfig, require_plain_vit
 
 __all__ = [
     "init_params",

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .encoder import LAYER_NORM_EPS, EncoderBlock
 from .patches import PatchEmbed, image_to_patches, patches_to_image
-from .vit import ViTConfig, VisionTransformer, require_plain_vit
+from .vit import VisionTransformer, ViTConfig, require_plain_vit
 
 __all__ = ["random_masking", "patchify", "unpatchify", "sincos_pos_embed", "MAE", "ENCODER_PREFIXES"]
 

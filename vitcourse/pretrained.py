@@ -17,9 +17,10 @@ The pieces chapter 8 uses, each small enough to read in one sitting:
   :func:`comparison_text` - chapter 8's linear probe / fine-tuning / from-scratch comparison on
   held-out images, each setting with the same schedule, learning-rate search and seeds, and the
   sentence its verdicts choose;
-* :func:`with_init`, :func:`init_from_timm` and :func:`renormalize` - what ``vitcourse train
+* :func:`with_init`, :func:`init_from_timm` and :func:`init_statistics` - what ``vitcourse train
   --init timm:NAME`` does: a run's config with the checkpoint's architecture, its weights in the
-  run's model, and the data normalised with the checkpoint's statistics.
+  run's model, and the statistics the data is normalised with (passed to
+  :func:`vitcourse.data.load_data` before the data is built).
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import downloads_allowed
-from .vit import ViTConfig, VisionTransformer
+from .paths import downloads_allowed
+from .vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -64,7 +65,6 @@ __all__ = [
     "with_init",
     "init_from_timm",
     "init_statistics",
-    "renormalize",
 ]
 
 DEFAULT_CHECKPOINT = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -135,7 +135,8 @@ def load_timm(name: str = DEFAULT_CHECKPOINT, file: str | os.PathLike | None = N
     elif file is None and not _hub_reachable():
         reason = "the Hugging Face hub cannot be reached from this machine"
     else:
-        overlay = {} if file is None else {"pretrained_cfg_overlay": dict(file=str(file))}
+        # a local file: timm's own .npz reader for the original (big_vision) ViT weights, else its state-dict reader
+        overlay = {} if file is None else {"pretrained_cfg_overlay": dict(file=str(file), custom_load=_is_npz(file))}
         try:
             model = timm.create_model(name, pretrained=True, **overlay)
             return TimmCheckpoint(model.eval(), pretrained=True)
@@ -146,6 +147,19 @@ def load_timm(name: str = DEFAULT_CHECKPOINT, file: str | os.PathLike | None = N
         raise RuntimeError(f"no pretrained weights for {name}: {reason}.")
     torch.manual_seed(seed)
     return TimmCheckpoint(timm.create_model(name, pretrained=False).eval(), pretrained=False, reason=reason)
+
+
+def _is_npz(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a NumPy ``.npz`` archive (a zip of ``.npy`` arrays), judged by its content:
+    a PyTorch ``.pth`` is a zip file too, but of pickles."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
 
 
 def config_from_timm(timm_model: nn.Module) -> ViTConfig:
@@ -641,6 +655,11 @@ def init_name(init: str) -> str:
     if not timm.is_model(name):
         raise ValueError(f"--init {init}: timm has no model named {name!r}; pass a timm ViT such as "
                          f"timm:{DEFAULT_CHECKPOINT} (timm.list_models('vit_*') lists them).")
+    architecture, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(f"{architecture}.*"):  # timm.is_model ignores the tag
+        known = [n.partition(".")[2] for n in timm.list_pretrained(f"{architecture}.*")]
+        raise ValueError(f"--init {init}: timm has no weights tagged {tag!r} for {architecture}; pass one of its tags "
+                         f"({', '.join(known[:6]) or 'none'}{', ...' if len(known) > 6 else ''}) or the name alone.")
     return name
 
 
@@ -669,7 +688,7 @@ def _architecture(name: str) -> ViTConfig:
 
 
 def with_init(cfg, init: str, file: str | os.PathLike | None = None, image_size: int | None = None):
-    """``cfg`` (a :class:`vitcourse.train.TrainConfig`) set up to start from the timm checkpoint ``init``.
+    """``cfg`` (a :class:`vitcourse.config.TrainConfig`) set up to start from the timm checkpoint ``init``.
 
     The model becomes the checkpoint's architecture (``cfg.vit`` is replaced by the ViT read off
     the timm model, dropout and drop path 0) at the run's own image size (``image_size`` if
@@ -741,48 +760,3 @@ def init_statistics(init: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
     cfg = get_pretrained_cfg(init_name(init))
     return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
-
-
-class _Renormalized(torch.utils.data.Dataset):
-    """``dataset``'s images ``x`` (normalised with ``mean, std``) as ``(x * std + mean - new_mean) / new_std``.
-
-    Keys pass through unchanged, so the ``(index, seed)`` keys of exact resume keep working.
-    """
-
-    def __init__(self, dataset, mean, std, new_mean, new_std) -> None:
-        self.dataset = dataset
-        old_mean, old_std = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (mean, std))
-        new_mean_t, new_std_t = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1) for v in (new_mean, new_std))
-        self.scale = old_std / new_std_t  # (C, 1, 1)
-        self.shift = (old_mean - new_mean_t) / new_std_t  # (C, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        image, label = self.dataset[key]  # (C, H, W)
-        return image * self.scale + self.shift, label
-
-    @property
-    def labels(self) -> Tensor:
-        """The wrapped dataset's labels, ``(len(self),)``."""
-        return self.dataset.labels
-
-
-def renormalize(bundle, mean, std):
-    """``bundle`` (a :class:`vitcourse.data.DataBundle`) with every image normalised with ``mean, std`` instead.
-
-    A pixel value ``u`` in ``[0, 1]`` that the bundle gives as ``(u - m) / s`` becomes
-    ``(u - mean) / std``, so a pretrained checkpoint sees the statistics it was trained with
-    (the split, the augmentation and the data's ``source`` are unchanged; random erasing, which
-    fills with 0 after normalisation, then fills with the data's mean colour). The same bundle
-    if the statistics are already those.
-    """
-    mean, std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-    if (mean, std) == (tuple(bundle.mean), tuple(bundle.std)):
-        return bundle
-
-    def wrap(dataset):
-        return _Renormalized(dataset, bundle.mean, bundle.std, mean, std)
-
-    return replace(bundle, train=wrap(bundle.train), val=wrap(bundle.val), test=wrap(bundle.test), mean=mean, std=std)

@@ -4,7 +4,7 @@ A chapter that trains models has to say what it trained and what came out, in se
 cannot drift from the code. The functions here read those facts from the objects themselves:
 
 * :func:`describe_augmentation` - a config's augmentation in words, read from the pipeline objects;
-* :func:`recipe_differences` - every setting in which two :class:`~vitcourse.train.TrainConfig` differ;
+* :func:`recipe_differences` - every setting in which two :class:`~vitcourse.config.TrainConfig` differ;
 * :func:`with_recipe` - one config's model, data and budget trained with another config's recipe;
 * :func:`small_comparison` - chapter 5's seeded experiment: a small ViT, a CNN of the same size, and the
   small ViT with the seed blog's recipe, all on the same data and schedule;
@@ -26,9 +26,11 @@ from typing import Sequence
 
 import torch
 
+from .checkpoint import read_metrics
+from .config import TrainConfig, run_dir
 from .data import train_transform
-from .train import TrainConfig, evaluate_model, train
-from .utils import atomic_write, run_dir
+from .paths import atomic_write
+from .train import evaluate_model, train
 
 __all__ = [
     "describe_transform",
@@ -119,7 +121,7 @@ def recipe_differences(a: TrainConfig, b: TrainConfig, ignore: Sequence[str] = (
 
     A setting one config does not use reads "not used". When the models differ, their own settings
     (``vit.*``, ``cnn_width``) are summarised in the ``model`` entry instead of listed one by one.
-    The order is the order of the fields of :class:`~vitcourse.train.TrainConfig`.
+    The order is the order of the fields of :class:`~vitcourse.config.TrainConfig`.
     """
     values = [_settings(a), _settings(b)]
     rows = {}
@@ -134,7 +136,7 @@ def recipe_differences(a: TrainConfig, b: TrainConfig, ignore: Sequence[str] = (
 
 RECIPE_SETTINGS = ("augment", "mixup", "cutmix", "label_smoothing", "optimizer", "lr", "weight_decay", "betas",
                    "schedule", "warmup_epochs", "max_lr", "pct_start", "milestones", "gamma", "grad_clip")
-"""The settings of a :class:`~vitcourse.train.TrainConfig` that make its *recipe* (how it trains), besides the
+"""The settings of a :class:`~vitcourse.config.TrainConfig` that make its *recipe* (how it trains), besides the
 ViT's ``dropout`` and ``drop_path``; the model, the data and the budget (``epochs``, ``batch_size``) are not among them."""
 
 
@@ -179,7 +181,7 @@ def small_comparison(base: TrainConfig, donor: TrainConfig, epochs: int = 2) -> 
 
 
 def train_here(cfg: TrainConfig, chapter: str = "ch05") -> tuple[list[dict], dict | None]:
-    """Train ``cfg`` in ``chapter``'s run folder (:func:`vitcourse.utils.run_dir`), or reuse the finished run there.
+    """Train ``cfg`` in ``chapter``'s run folder (:func:`vitcourse.config.run_dir`), or reuse the finished run there.
 
     Returns ``(rows, hardware)``: the rows of ``metrics.jsonl`` (one dict per epoch; ``epoch_time``
     is the seconds spent in that epoch's training steps, validation excluded) and the note written
@@ -187,7 +189,7 @@ def train_here(cfg: TrainConfig, chapter: str = "ch05") -> tuple[list[dict], dic
     elsewhere, e.g. from the command line). A run continued after an interruption keeps the note of
     the session that finished it.
     """
-    from .train import read_metrics
+
 
     out = run_dir(cfg, chapter)
     epochs_before = len(read_metrics(out))

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 from torch import nn
 
 from .encoder import LAYER_NORM_EPS
-from .vit import ViTConfig, VisionTransformer, require_plain_vit
+from .vit import VisionTransformer, ViTConfig, require_plain_vit
 
 __all__ = ["timm_vit", "to_timm", "from_timm", "check_timm_model"]
 

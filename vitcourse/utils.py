@@ -1,20 +1,17 @@
-"""Small helpers the chapters share: seeding, devices, where runs are kept, and an offline sample photograph."""
+"""Small helpers the chapters share: seeding, devices and an offline sample photograph.
+
+(Where runs and data are kept is :mod:`vitcourse.paths`; a chapter's run folder is
+:func:`vitcourse.config.run_dir`.)"""
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .train import TrainConfig
-
-__all__ = ["seed_everything", "default_device", "sample_image", "runs_dir", "run_dir", "atomic_write"]
+__all__ = ["seed_everything", "default_device", "sample_image"]
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -28,66 +25,6 @@ def seed_everything(seed: int) -> torch.Generator:
 def default_device() -> torch.device:
     """``cuda`` when a GPU is available, otherwise ``cpu``."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write a file so that readers see the old content or the new, never half of it.
-
-    The bytes go to a temporary file in the same folder, are flushed to disk, and replace
-    ``path`` in one ``os.replace``; the folder is created if needed.
-    """
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def runs_dir() -> Path:
-    """Where chapters keep training runs: ``$VITCOURSE_RUNS`` if set, else ``./runs``.
-
-    The Makefile points it at ``_build/runs`` so the book build and the notebook
-    tests share finished runs (a finished run is resumed, not retrained) and
-    ``make clean`` removes them.
-    """
-    return Path(os.environ.get("VITCOURSE_RUNS") or "runs").expanduser()
-
-
-def run_dir(config: TrainConfig, chapter: str, name: str | None = None) -> Path:
-    """Where ``chapter`` keeps its run of ``config``: ``runs_dir() / chapter / f"{name}-{fingerprint}"``.
-
-    The folder name ends in :func:`vitcourse.train.fingerprint` of ``config``, so a changed
-    configuration trains afresh instead of resuming an old run, and rebuilding the book
-    reuses every finished run. For example ``run_dir(CONFIGS["quick"], "ch05")`` is
-    ``runs/ch05/quick-<8 hex digits>``.
-
-    Args:
-        config: the run's :class:`vitcourse.train.TrainConfig`.
-        chapter: the chapter's folder inside :func:`runs_dir`, e.g. ``"ch05"``.
-        name: the start of the folder name; ``config.name`` if not given.
-
-    Raises:
-        TypeError: if ``config`` is not a ``TrainConfig``.
-        ValueError: if ``chapter`` or ``name`` is empty or is not a single folder name.
-    """
-    from .train import TrainConfig, fingerprint  # imported here: train imports this module
-
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"run_dir needs a vitcourse.train.TrainConfig, got {type(config).__name__}.")
-    name = config.name if name is None else name
-    for label, value in (("chapter", chapter), ("name", name)):
-        if not isinstance(value, str) or not value or value in (".", "..") or "/" in value or "\\" in value:
-            raise ValueError(f"run_dir needs {label} to be one folder name (no '/', not '.' or '..'), got {value!r}.")
-    return runs_dir() / chapter / f"{name}-{fingerprint(config)}"
 
 
 _PHOTOS = ("chelsea", "astronaut", "coffee", "rocket")

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.patches import Circle, FancyBboxPatch
 import torch
+from matplotlib.patches import Circle, FancyBboxPatch
 from torch import Tensor
 
 from .patches import check_image_size, image_to_patches

@@ -2,11 +2,10 @@
 gradients through saturated and degenerate softmaxes."""
 
 from vitcourse.attention import MultiHeadSelfAttention
-from vitcourse.vit import count_parameters
-
 from vitcourse.grading.exercises.ch01 import attention_case, backward_case, mhsa_case, softmax_case
 from vitcourse.grading.runtime import new, num_params
 from vitcourse.grading.spec import Case, Check, exact
+from vitcourse.vit import count_parameters
 
 HIDDEN = {
     "1.1": [

@@ -1,12 +1,11 @@
 """Chapter 2 hidden checks: rectangular images, one-pixel and whole-image patches, other sizes,
 strides that leave pixels over or skip them."""
 
-from vitcourse.patches import PatchEmbed
-from vitcourse.vit import count_parameters
-
 from vitcourse.grading.exercises.ch02 import embed_case, overlapping_case, to_image_case, to_patches_case
 from vitcourse.grading.runtime import new, num_params
 from vitcourse.grading.spec import Case, Check, exact
+from vitcourse.patches import PatchEmbed
+from vitcourse.vit import count_parameters
 
 HIDDEN = {
     "2.1": [

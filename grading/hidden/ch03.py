@@ -2,11 +2,10 @@
 with three bugs, other sizes, a single head, tokens far from zero and a freshly built block's weights."""
 
 from vitcourse.encoder import MLP
-from vitcourse.vit import count_parameters
-
 from vitcourse.grading.exercises.ch03 import block, fixed_block_case, layer_norm_case, module_case
 from vitcourse.grading.runtime import new, num_params
 from vitcourse.grading.spec import Case, Check, exact
+from vitcourse.vit import count_parameters
 
 HIDDEN = {
     "3.1": [

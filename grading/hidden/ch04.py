@@ -2,10 +2,9 @@
 training step, a narrow MLP on grey images and models far too large to run here (ViT-H/14 at 518 px, a
 22-billion-parameter ViT, ViT-B/16 on 1,024 px images)."""
 
-from vitcourse.vit import ViTConfig
-
 from vitcourse.grading.exercises.ch04 import count_case, flops_case, tokens_case, vit_case
 from vitcourse.grading.spec import Check
+from vitcourse.vit import ViTConfig
 
 WIDE = ViTConfig(image_size=64, patch_size=8, in_channels=3, num_classes=100, dim=48, depth=4, heads=4, mlp_dim=96)
 GREY = ViTConfig(image_size=12, patch_size=3, in_channels=1, num_classes=3, dim=12, depth=3, heads=3, mlp_dim=24)

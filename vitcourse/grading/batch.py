@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..utils import atomic_write
+from ..paths import atomic_write
 from .feedback import write_feedback, write_summary
 from .grader import Grader, Limits, StudentResult, build_units
 from .notebook import _read_bytes, clean, notebook_chapter

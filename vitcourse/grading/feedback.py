@@ -12,7 +12,7 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..utils import atomic_write
+from ..paths import atomic_write
 from .notebook import visible
 from .spec import Chapter
 

@@ -18,11 +18,25 @@ one summary per statement, and everything here is linear in those summaries.
 from __future__ import annotations
 
 import ast
-import re
 from dataclasses import dataclass, field
 
-from .analyse import (LIMITS, MAX_BYTES, MAX_PROBLEMS, _HIDDEN, _escape, _read_bytes, analyse_cell, analyse_file,  # noqa: F401
-                      clean, defined_in_text, load_json, parse_cell, strip_ipython, summarise, utf8)
+from .analyse import (  # noqa: F401
+    _HIDDEN,
+    LIMITS,
+    MAX_BYTES,
+    MAX_PROBLEMS,
+    _escape,
+    _read_bytes,
+    analyse_cell,
+    analyse_file,
+    clean,
+    defined_in_text,
+    load_json,
+    parse_cell,
+    strip_ipython,
+    summarise,
+    utf8,
+)
 
 
 def visible(text: str) -> str:

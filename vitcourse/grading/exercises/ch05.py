@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from vitcourse.train import TrainConfig, learning_rates
 
 from ..runtime import apply, arr, call, method
-from ..spec import Case, Chapter, Check, Comparison, Exercise, allclose, exact
+from ..spec import Case, Chapter, Check, Comparison, Exercise, allclose
 from ._common import randn, t
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from vitcourse.pretrained import resize_pos_embed
-from vitcourse.vit import ViTConfig, VisionTransformer
+from vitcourse.vit import VisionTransformer, ViTConfig
 
 from ..runtime import arr, call
 from ..spec import Case, Chapter, Check, Comparison, Exercise, allclose

@@ -1,13 +1,15 @@
 """The ``vitcourse`` command (also ``python -m vitcourse``)::
 
-    vitcourse train --config quick --out runs/quick        # = python -m vitcourse.train ...
-    vitcourse evaluate runs/quick/best.safetensors         # = python -m vitcourse.evaluate ...
+    vitcourse train --config quick --out runs/quick
+    vitcourse evaluate runs/quick/best.safetensors
     vitcourse grade submissions/ch01 --out grades/ch01
     vitcourse student-pack --out pack
     vitcourse notebooks --check
 
-``train`` and ``evaluate`` take exactly the options of their modules (one definition,
-:func:`vitcourse.train.add_arguments` and :func:`vitcourse.evaluate.add_arguments`).
+All argument parsing of the package is here: ``train`` and ``evaluate`` in
+:mod:`vitcourse.cli.train` and :mod:`vitcourse.cli.evaluate` (imported only when used: they
+import PyTorch), the shared checks in :mod:`vitcourse.cli.common`; no other module of the
+package imports this one.
 The other subcommands register themselves with :func:`command`; to add one, write a
 function that takes the parsed arguments and returns an exit code, and decorate it::
 
@@ -23,27 +25,15 @@ with a traceback; every path is checked before any work starts (:func:`check_out
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .common import Parser, UsageError, check_input_dir, check_out_dir, one_line, quiet_closed_stdout
+
 _COMMANDS: dict[str, tuple[str, str, list, Callable]] = {}
-REPO_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+REPO_NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 """The notebooks folder of a source checkout (absent when vitcourse is installed from a wheel)."""
-
-
-class UsageError(ValueError):
-    """Bad input to a subcommand: printed as one line, exit code 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors (unknown option, missing value, ``--epochs abc``) are one
-    line on stderr, exit code 2, pointing to ``--help`` instead of printing the whole usage."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: {message}; see '{self.prog} --help'.\n")
 
 
 def command(name: str, help: str, args: list | None = None, example: str = "") -> Callable:
@@ -55,50 +45,6 @@ def command(name: str, help: str, args: list | None = None, example: str = "") -
         return fn
 
     return register
-
-
-def check_input_dir(path: str | os.PathLike, flag: str, what: str) -> Path:
-    """``path`` must be an existing folder: :class:`UsageError` (one sentence) otherwise.
-
-    ``flag`` names the option (``"--data"``), ``what`` the folder the user should pass.
-    """
-    path = Path(path).expanduser()
-    if path.is_file():
-        raise UsageError(f"{flag} {path} is a file, not a folder; pass {what}.")
-    if not path.is_dir():
-        raise UsageError(f"{flag} {path} does not exist; pass {what}.")
-    return path
-
-
-def check_out_dir(path: str | os.PathLike, *, flag: str = "--out", data: str | os.PathLike | None = None,
-                  data_flag: str = "--data") -> Path:
-    """``path`` must be usable as an output folder; :class:`UsageError` (one sentence) otherwise.
-
-    Refused: an existing file; a path below a file; a place where nothing can be written (a
-    read-only folder or file system: checked by creating and deleting a temporary file in the
-    nearest existing folder); a folder inside (or equal to) the input folder ``data``, whose
-    contents the command reads. Nothing is created.
-    """
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path} is an existing file, not a folder; choose a folder path (it is created if needed).")
-    if data is not None:
-        source, target = Path(data).expanduser().resolve(), path.resolve()
-        if target == source or source in target.parents:
-            raise UsageError(f"{flag} {path} is inside {data_flag} {data}, whose files are read as input; "
-                             f"choose an output folder outside it.")
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"{flag} {path} cannot be created because {existing} is a file; choose another folder.")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError:
-        raise UsageError(f"{flag} {path} is in a place that cannot be written to ({existing} is read-only or not "
-                         f"yours); choose a folder you can write to.") from None
-    return path
 
 
 @command("grade", help="grade a folder of submitted exercise notebooks", args=[
@@ -202,8 +148,8 @@ def _notebooks(ns: argparse.Namespace) -> int:
 
 
 _MODULE_COMMANDS = {
-    "train": ("train a model (as python -m vitcourse.train)", "vitcourse.train"),
-    "evaluate": ("test accuracy and loss of a checkpoint, as JSON (as python -m vitcourse.evaluate)", "vitcourse.evaluate"),
+    "train": ("train a model", "vitcourse.cli.train"),
+    "evaluate": ("test accuracy and loss of a checkpoint, as JSON", "vitcourse.cli.evaluate"),
 }
 
 
@@ -247,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"vitcourse {ns.command}: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
-    except OSError as err:  # e.g. the disk filled up, or a folder became read-only, while writing
-        print(f"vitcourse {ns.command}: could not use a file ({err.strerror or err}: {err.filename}); check the path, "
-              f"its permissions and the free disk space.", file=sys.stderr)
+    except OSError as err:  # e.g. the disk filled up, a folder became read-only, or stdout's reader went away
+        if isinstance(err, BrokenPipeError):
+            quiet_closed_stdout()
+        print(f"vitcourse {ns.command}: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vitcourse {ns.command}: interrupted; finished results are kept, rerun to continue.", file=sys.stderr)

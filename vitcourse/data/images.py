@@ -31,7 +31,7 @@ import unicodedata
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ImageError", "display_name", "open_rgb8", "to_rgb8"]
+__all__ = ["ImageError", "display_name", "open_rgb8", "decode_rgb8", "to_rgb8"]
 
 _UNSAFE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}  # controls, bidi/invisible, surrogates, odd spaces
 _CONVERTIBLE = {"1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -109,37 +109,50 @@ def open_rgb8(path) -> Image.Image:
     Raises :class:`ImageError` for a file that cannot be read, is corrupt, truncated or not an
     image, has more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, or has an unsupported pixel format.
     """
-    name = display_name(path)
     try:
         fp = open(path, "rb")
     except OSError as err:  # missing, no permission, a directory, a broken link
-        raise ImageError(path, "unreadable", f"{name} cannot be read ({_printable(err.strerror or str(err))}); "
-                                             f"check that it exists and that you may read it, or delete it.") from None
+        raise ImageError(path, "unreadable", f"{display_name(path)} cannot be read "
+                                             f"({_printable(err.strerror or str(err))}); check that it exists and "
+                                             f"that you may read it, or delete it.") from None
     with fp:
-        try:
-            image = Image.open(fp)
-        except Image.DecompressionBombError:
-            raise _too_large(path, name, _header_size(fp)) from None
-        except Image.UnidentifiedImageError:
-            raise ImageError(path, "corrupt", f"{name} is not an image Pillow can read (damaged, or another kind "
-                                              f"of file); re-export it as PNG or JPEG, or delete it.") from None
-        except Exception as err:  # Pillow raises many types for broken headers
-            raise _corrupt(path, name, err) from None
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and image.width * image.height > limit:  # Pillow only warned
-            raise _too_large(path, name, image.size)
-        try:
-            image.load()  # the first frame
-        except MemoryError:
-            raise ImageError(path, "too large", f"{name} is too large to decode in the memory available "
-                                                f"({image.width}×{image.height} pixels); shrink it.") from None
-        except Exception as err:  # truncated or damaged pixel data
-            raise _corrupt(path, name, err) from None
-        try:
-            image = ImageOps.exif_transpose(image)
-        except Exception:  # unreadable EXIF: keep the stored orientation
-            pass
-        return to_rgb8(image, path)
+        return _decode(fp, path)
+
+
+def decode_rgb8(data: bytes, path) -> Image.Image:
+    """:func:`open_rgb8` for the bytes ``data`` of the file ``path`` (already read, e.g. to hash them)."""
+    import io
+
+    return _decode(io.BytesIO(data), path)
+
+
+def _decode(fp, path) -> Image.Image:
+    """Decode the image in the open binary file ``fp`` (named ``path``): the rules of :func:`open_rgb8`."""
+    name = display_name(path)
+    try:
+        image = Image.open(fp)
+    except Image.DecompressionBombError:
+        raise _too_large(path, name, _header_size(fp)) from None
+    except Image.UnidentifiedImageError:
+        raise ImageError(path, "corrupt", f"{name} is not an image Pillow can read (damaged, or another kind "
+                                          f"of file); re-export it as PNG or JPEG, or delete it.") from None
+    except Exception as err:  # Pillow raises many types for broken headers
+        raise _corrupt(path, name, err) from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:  # Pillow only warned
+        raise _too_large(path, name, image.size)
+    try:
+        image.load()  # the first frame
+    except MemoryError:
+        raise ImageError(path, "too large", f"{name} is too large to decode in the memory available "
+                                            f"({image.width}×{image.height} pixels); shrink it.") from None
+    except Exception as err:  # truncated or damaged pixel data
+        raise _corrupt(path, name, err) from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # unreadable EXIF: keep the stored orientation
+        pass
+    return to_rgb8(image, path)
 
 
 def _corrupt(path, name: str, err: Exception) -> ImageError:
