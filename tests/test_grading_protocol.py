@@ -17,8 +17,25 @@ import numpy as np
 import pytest
 
 from vitcourse.grading import linux, protocol, runtime
-from vitcourse.grading.protocol import (BEGIN, BUDGET, DONE, END, EXIT, FATAL, FIELDS, KINDS, MAX_OUTPUT, SIGNAL,
-                                        STATUSES, TIMEOUT, Reader, Record, decode, encode, read_run)
+from vitcourse.grading.protocol import (
+    BEGIN,
+    BUDGET,
+    DONE,
+    END,
+    EXIT,
+    FATAL,
+    FIELDS,
+    KINDS,
+    MAX_OUTPUT,
+    SIGNAL,
+    STATUSES,
+    TIMEOUT,
+    Reader,
+    Record,
+    decode,
+    encode,
+    read_run,
+)
 from vitcourse.grading.sandbox import build_view, parse_record
 
 GRADING = Path(protocol.__file__).resolve().parent

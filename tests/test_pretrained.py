@@ -6,18 +6,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vitcourse import VisionTransformer, ViTConfig, pretrained
-from vitcourse.pretrained import (
-    adapt,
-    config_from_timm,
-    fit,
-    freeze_all_but_head,
-    load_timm,
-    make_photo_folder,
-    param_groups,
-    resize_pos_embed,
-)
+from vitcourse import VisionTransformer, ViTConfig, pretrained, transfer
+from vitcourse.pretrained import adapt, config_from_timm, load_timm, resize_pos_embed
 from vitcourse.timm_compat import from_timm
+from vitcourse.transfer import fit, freeze_all_but_head, make_photo_folder, param_groups
 
 timm = pytest.importorskip("timm")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -195,15 +187,15 @@ def test_zero_head_step_moves_only_decayed_body_tensors():
 
 
 def test_warmup_cosine_schedule_and_fit_follow_it():
-    factor = pretrained.warmup_cosine(10, 3)
+    factor = transfer.warmup_cosine(10, 3)
     values = [factor(t) for t in range(10)]
     assert values[:3] == pytest.approx([1 / 3, 2 / 3, 1.0])
     expected = [0.5 * (1 + torch.cos(torch.tensor(torch.pi * k / 8)).item()) for k in range(1, 8)]
     assert values[3:] == pytest.approx(expected, abs=1e-6)
     assert all(a >= b for a, b in zip(values[2:], values[3:])) and 0 < values[-1] < 0.1
-    assert [pretrained.warmup_cosine(4, 0)(t) for t in range(4)][0] < 1.0
+    assert [transfer.warmup_cosine(4, 0)(t) for t in range(4)][0] < 1.0
     with pytest.raises(ValueError):
-        pretrained.warmup_cosine(5, 6)
+        transfer.warmup_cosine(5, 6)
 
     model = torch.nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -221,13 +213,13 @@ def test_accuracy_counts_top_classes_in_batches():
     logits = torch.randn(37, 4)
     labels = torch.randint(0, 4, (37,))
     expected = sum(int(logits[i].argmax()) == int(labels[i]) for i in range(37)) / 37
-    assert pretrained.accuracy(Fixed(), logits, labels, batch_size=5) == pytest.approx(expected)
+    assert transfer.accuracy(Fixed(), logits, labels, batch_size=5) == pytest.approx(expected)
 
 
 def test_synthetic_task_draws_independent_normalised_splits():
     from vitcourse.data import make_synthetic
 
-    task = pretrained.synthetic_task(20, 10, 12, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), seed=0)
+    task = transfer.synthetic_task(20, 10, 12, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), seed=0)
     assert {k: (tuple(x.shape), tuple(y.shape)) for k, (x, y) in task.items()} == {
         "train": ((20, 3, 32, 32), (20,)), "val": ((10, 3, 32, 32), (10,)), "test": ((12, 3, 32, 32), (12,))}
     images, labels = make_synthetic(20, seed=1000, image_size=32)  # the training split, by hand
@@ -238,7 +230,7 @@ def test_synthetic_task_draws_independent_normalised_splits():
     flat = {k: x.flatten(1) for k, (x, _) in task.items()}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):  # no image is in two splits
         assert torch.cdist(flat[a], flat[b]).min() > 0
-    again = pretrained.synthetic_task(20, 10, 12, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), seed=0)
+    again = transfer.synthetic_task(20, 10, 12, 32, (0.5, 0.4, 0.3), (0.2, 0.25, 0.5), seed=0)
     assert all(torch.equal(task[k][0], again[k][0]) for k in task)
 
 
@@ -262,21 +254,21 @@ def _zero_linear(seed):
 
 def test_search_picks_the_rate_that_learns_and_repeats_the_seeds():
     task = _separable_task()
-    run = pretrained.search_and_repeat("probe", _zero_linear, task, (0.0, 1e-1), (0, 1, 2), steps=20,
+    run = transfer.search_and_repeat("probe", _zero_linear, task, (0.0, 1e-1), (0, 1, 2), steps=20,
                                        batch_size=10, warmup_steps=2)
     assert run.lr == 1e-1 and run.lrs == (0.0, 1e-1) and len(run.search_val) == 2
     assert run.search_val[1] > 0.9 and run.search_val[0] == pytest.approx(1 / 3)  # zero head: one class for all
     assert run.seeds == (0, 1, 2) and len(run.test_accs) == 3 and all(a > 0.9 for a in run.test_accs)
     assert [len(losses) for losses in run.losses] == [20, 20, 20] and run.val_accs[0] == run.search_val[1]
-    tie = pretrained.search_and_repeat("probe", _zero_linear, task, (0.2, 0.1), (0,), steps=20, batch_size=10,
+    tie = transfer.search_and_repeat("probe", _zero_linear, task, (0.2, 0.1), (0,), steps=20, batch_size=10,
                                        warmup_steps=2)
     assert tie.search_val == (1.0, 1.0) and tie.lr == 0.1  # equal validation accuracy: the smaller rate
     with pytest.raises(ValueError):
-        pretrained.search_and_repeat("probe", _zero_linear, task, (), (0,), steps=5, batch_size=10, warmup_steps=1)
+        transfer.search_and_repeat("probe", _zero_linear, task, (), (0,), steps=5, batch_size=10, warmup_steps=1)
 
 
 def _run(name, accs):
-    return pretrained.SettingRun(name, (1e-3,), (0.5,), 1e-3, tuple(range(len(accs))), tuple(accs), tuple(accs),
+    return transfer.SettingRun(name, (1e-3,), (0.5,), 1e-3, tuple(range(len(accs))), tuple(accs), tuple(accs),
                                  ((1.0,),) * len(accs), 0.0)
 
 
@@ -287,7 +279,7 @@ def test_compare_settings_uses_the_seed_aware_rule():
     runs = {"linear probe": _run("linear probe", [0.12, 0.13, 0.11]),
             "fine-tuning": _run("fine-tuning", [0.60, 0.62, 0.58]),
             "from scratch": _run("from scratch", [0.59, 0.63, 0.57])}
-    result = pretrained.compare_settings(runs, labels, 10)
+    result = transfer.compare_settings(runs, labels, 10)
     probe = stats.seed_estimate([0.12, 0.13, 0.11], 400)
     finetune = stats.seed_estimate([0.60, 0.62, 0.58], 400)
     scratch = stats.seed_estimate([0.59, 0.63, 0.57], 400)
@@ -300,22 +292,22 @@ def test_compare_settings_uses_the_seed_aware_rule():
     assert result["chance"] == pytest.approx(stats.chance_level(labels.tolist(), 10))
     assert result["probe_above_chance"] is (probe.mean > result["chance"])
     runs["linear probe"] = _run("linear probe", [0.30, 0.31, 0.29])
-    assert pretrained.compare_settings(runs, labels, 10)["probe_above_chance"] is True
+    assert transfer.compare_settings(runs, labels, 10)["probe_above_chance"] is True
 
 
 VERDICTS = ("higher", "noise", "lower")
 
 
 @pytest.mark.parametrize("pretrained_weights", [True, False])
-@pytest.mark.parametrize("pair", list(pretrained.PAIRS))
+@pytest.mark.parametrize("pair", list(transfer.PAIRS))
 @pytest.mark.parametrize("verdict", VERDICTS)
 @pytest.mark.parametrize("above", [True, False])
 def test_comparison_text_every_branch(pretrained_weights, pair, verdict, above):
-    verdicts = {p: "noise" for p in pretrained.PAIRS}
+    verdicts = {p: "noise" for p in transfer.PAIRS}
     verdicts[pair] = verdict
-    text = pretrained.comparison_text(pretrained_weights, verdicts, above)
-    assert pretrained._PAIR_TEXT[(pretrained_weights, pair, verdict)] in text
-    assert pretrained._CHANCE_TEXT[(pretrained_weights, above)] in text
+    text = transfer.comparison_text(pretrained_weights, verdicts, above)
+    assert transfer._PAIR_TEXT[(pretrained_weights, pair, verdict)] in text
+    assert transfer._CHANCE_TEXT[(pretrained_weights, above)] in text
     if not pretrained_weights:  # random weights: nothing is credited to learned or ImageNet features
         assert "ImageNet" not in text and "pretrained weights bought" not in text and "random" in text
     if pair == "finetune_vs_scratch" and verdict == "noise" and not pretrained_weights:
@@ -324,12 +316,12 @@ def test_comparison_text_every_branch(pretrained_weights, pair, verdict, above):
         assert ("what the pretrained weights bought" in text) == pretrained_weights
     word = {"higher": "above", "lower": "below"}.get(verdict)
     if word:
-        assert word in pretrained._PAIR_TEXT[(pretrained_weights, pair, verdict)]
+        assert word in transfer._PAIR_TEXT[(pretrained_weights, pair, verdict)]
 
 
 def test_comparison_text_needs_every_verdict():
     with pytest.raises(ValueError, match="finetune_vs_probe"):
-        pretrained.comparison_text(False, {"finetune_vs_scratch": "noise", "probe_vs_scratch": "noise"}, True)
+        transfer.comparison_text(False, {"finetune_vs_scratch": "noise", "probe_vs_scratch": "noise"}, True)
 
 
 def test_photo_folder_is_an_image_folder_and_reproducible(tmp_path):
@@ -338,6 +330,6 @@ def test_photo_folder_is_an_image_folder_and_reproducible(tmp_path):
     a = make_photo_folder(tmp_path / "a", per_class=2, size=24, seed=1)
     b = make_photo_folder(tmp_path / "b", per_class=2, size=24, seed=1)
     dataset = ImageFolder(str(a))
-    assert dataset.classes == sorted(pretrained.PHOTOS) and len(dataset) == 8
+    assert dataset.classes == sorted(transfer.PHOTOS) and len(dataset) == 8
     assert dataset[0][0].size == (24, 24)
     assert (a / "rocket" / "001.png").read_bytes() == (b / "rocket" / "001.png").read_bytes()

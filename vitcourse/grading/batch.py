@@ -25,11 +25,10 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..paths import atomic_write
-from .feedback import write_feedback, write_summary
+from .feedback import BatchReport, write_feedback, write_summary
 from .grader import Grader, Limits, StudentResult, build_units
 from .notebook import _read_bytes, clean, notebook_chapter
 from .sandbox import Zygote, build_view, bwrap_status
@@ -147,19 +146,6 @@ def write_csv(out: Path, results: list[StudentResult], exercise_ids: list[str]) 
                          f"ungradable: {r.ungradable}" if r.ungradable else "graded",
                          "; ".join(r.forbidden), "; ".join(r.review))])
     atomic_write(out / "grades.csv", buffer.getvalue())
-
-
-@dataclass
-class BatchReport:
-    """What a batch did (the CLI prints it)."""
-
-    sandbox: str
-    chapter: str
-    graded: int
-    kept: int
-    seconds: float
-    results: list
-    out: Path
 
 
 def _check_out(out: Path) -> None:

@@ -9,6 +9,7 @@ forbidden calls are listed too. Everything is HTML-escaped.
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,8 +18,21 @@ from .notebook import visible
 from .spec import Chapter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .batch import BatchReport
     from .grader import StudentResult
+
+
+@dataclass
+class BatchReport:
+    """What a batch did (the CLI prints it; :func:`write_summary` writes it)."""
+
+    sandbox: str
+    chapter: str
+    graded: int
+    kept: int
+    seconds: float
+    results: list
+    out: Path
+
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #222; }
@@ -69,7 +83,7 @@ def write_feedback(path: Path, result: "StudentResult", chapter: Chapter) -> Non
     atomic_write(path, render_feedback(result, chapter))
 
 
-def summary_text(report: "BatchReport", chapter: Chapter) -> str:
+def summary_text(report: BatchReport, chapter: Chapter) -> str:
     """The report printed at the end of a batch; its first line says whether a sandbox was used."""
     results = report.results
     lines = [report.sandbox,
@@ -90,7 +104,7 @@ def summary_text(report: "BatchReport", chapter: Chapter) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out: Path, report: "BatchReport", chapter: Chapter) -> None:
+def write_summary(out: Path, report: BatchReport, chapter: Chapter) -> None:
     """Write ``summary.txt`` and the histogram of totals ``totals_histogram.png`` next to the CSV."""
     atomic_write(out / "summary.txt", summary_text(report, chapter))
     import matplotlib

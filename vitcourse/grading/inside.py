@@ -41,10 +41,35 @@ import time
 import traceback
 
 from . import runtime
-from .linux import (CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWUSER, CLONE_NEWUTS, CLONE_THREAD,
-                    MS_NODEV, MS_NOSUID, MS_PRIVATE, MS_REC, PR_SET_DUMPABLE, PR_SET_PDEATHSIG)
-from .protocol import (BEGIN, BUDGET, DONE, END, EXIT, FATAL, SETUP_TIMEOUT, SIGNAL, SKIPPED, TIMEOUT, UNSUPPORTED,
-                       encode)
+from .linux import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    CLONE_NEWUTS,
+    CLONE_THREAD,
+    MS_NODEV,
+    MS_NOSUID,
+    MS_PRIVATE,
+    MS_REC,
+    PR_SET_DUMPABLE,
+    PR_SET_PDEATHSIG,
+)
+from .protocol import (
+    BEGIN,
+    BUDGET,
+    DONE,
+    END,
+    EXIT,
+    FATAL,
+    SETUP_TIMEOUT,
+    SIGNAL,
+    SKIPPED,
+    TIMEOUT,
+    UNSUPPORTED,
+    encode,
+)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
