@@ -506,10 +506,10 @@ def test_bad_images_stop_training_before_the_first_step_unless_skipped(tmp_path,
 
 
 def test_non_finite_metrics_are_written_as_null_with_a_warning(tmp_path, monkeypatch):
-    import vitcourse.train as train_module
+    import vitcourse.objectives as objectives
 
-    real = train_module.evaluate_model
-    monkeypatch.setattr(train_module, "evaluate_model", lambda *a, **k: {**real(*a, **k), "loss": float("nan")})
+    real = objectives.Classification.evaluate
+    monkeypatch.setattr(objectives.Classification, "evaluate", lambda *a, **k: {**real(*a, **k), "loss": float("nan")})
     rows = train(TINY.replace(epochs=1), tmp_path / "run", progress=False)
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl"))["val_loss"] is None

@@ -39,7 +39,7 @@ from .paths import atomic_write
 
 __all__ = ["BEST_FILE", "LAST_FILE", "RESUME_FILE", "SPLIT_FILE", "LOCK_FILE", "CheckpointError", "RunState",
            "load_checkpoint", "load_resume", "save_weights", "save_resume", "strict_json", "write_metrics",
-           "read_metrics", "split_hash", "check_same_run", "check_same_split", "check_resume_fits", "repair_last",
+           "read_metrics", "split_hash", "load_model", "check_same_run", "check_same_split", "check_resume_fits", "repair_last",
            "rng_state", "set_rng_state", "plain_weights"]
 
 LAST_FILE = "last.safetensors"
@@ -66,6 +66,7 @@ class RunState:
     """Where a run is: what ``resume.pt`` records besides weights, optimizer and random states.
 
     ``epoch`` full epochs are done, and ``batch`` batches of the next; ``step`` optimizer steps in all;
+    ``best_score`` is the best validation accuracy so far (minus the loss, for a run without labels);
     ``partial`` sums the unfinished epoch's loss, correct answers, images and seconds; ``rows`` are the
     finished epochs' rows of ``metrics.jsonl``.
     """
@@ -73,7 +74,7 @@ class RunState:
     epoch: int = 0
     batch: int = 0
     step: int = 0
-    best_val_acc: float = -1.0
+    best_score: float = -math.inf
     rows: list = field(default_factory=list)
     partial: dict = field(default_factory=lambda: {"loss": 0.0, "correct": 0.0, "seen": 0.0, "time": 0.0})
 
@@ -346,6 +347,22 @@ def _check_weights_fit(cfg: TrainConfig, num_classes: int, weights: dict[str, Te
                 f"{missing[0]} is missing" if missing else f"{extra[0]} does not belong to the recorded model")
         raise CheckpointError(f"{path} holds weights that do not fit the model its own settings describe ({what}); "
                               f"it was edited or damaged, so use the file training wrote.")
+
+
+def load_model(path: str | os.PathLike, run_folder: bool = True) -> tuple[nn.Module, TrainConfig, dict]:
+    """The model stored in a checkpoint (a file, or with ``run_folder`` a run folder: its ``best.safetensors``),
+    in eval mode, with its config and what :func:`load_checkpoint` returns; nothing in the file runs or is
+    trusted unchecked."""
+    from .models import build_model
+
+    path = Path(path).expanduser()
+    if run_folder and path.is_dir() and (path / BEST_FILE).is_file():
+        path = path / BEST_FILE
+    checkpoint = load_checkpoint(path)
+    cfg = TrainConfig.from_dict(checkpoint["config"])
+    model = build_model(cfg, len(checkpoint["classes"]))
+    model.load_state_dict(checkpoint["model"])  # the shapes were checked by load_checkpoint
+    return model.eval(), cfg, checkpoint
 
 
 def load_resume(path: Path) -> dict:

@@ -60,7 +60,15 @@ class TrainConfig:
     the checkpoint's mean and std. ``vit`` must then be the checkpoint's architecture: build such a
     config with :func:`vitcourse.pretrained.with_init`. A resumed run never reloads these weights.
     ``body_lr_scale`` multiplies the learning rate of every parameter but the head's (``0.1``:
-    the pretrained body learns ten times slower than the new head).
+    the pretrained body learns ten times slower than the new head). ``init`` ``"mae:PATH"`` starts
+    it instead from the encoder of a masked-autoencoder run of the course (same ViT, same image size).
+
+    Objective: ``objective`` ``"classify"`` (cross-entropy with the labels) or ``"mae"`` (masked-image
+    pretraining of ``vit``'s encoder, no labels: ``mask_ratio`` of the patches hidden, a decoder of
+    ``mae_decoder_dim`` x ``mae_decoder_depth``, the normalised-pixel target if ``mae_norm_pix``).
+    ``distill_from`` (a course checkpoint or run folder) trains a ViT with ``vit.distilled`` from that
+    frozen teacher with DeiT's loss (``distill_kind`` ``"hard"`` or ``"soft"``, ``distill_alpha``,
+    ``distill_tau``; :mod:`vitcourse.distill`).
     """
 
     name: str = "custom"
@@ -99,6 +107,15 @@ class TrainConfig:
     init: str | None = None
     init_file: str | None = None
     body_lr_scale: float = 1.0
+    objective: str = "classify"
+    mask_ratio: float = 0.75
+    mae_decoder_dim: int = 64
+    mae_decoder_depth: int = 2
+    mae_norm_pix: bool = True
+    distill_from: str | None = None
+    distill_kind: str = "hard"
+    distill_alpha: float = 0.5
+    distill_tau: float = 1.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # types first: a checkpoint's metadata or a script may hold anything
@@ -141,9 +158,24 @@ class TrainConfig:
             (self.grad_clip is None or (finite(self.grad_clip) and self.grad_clip > 0),
              f"grad_clip must be a positive number or None, got {self.grad_clip}"),
             (0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.init is None or (self.init.startswith("timm:") and self.model == "vit"),
-             f"init must be 'timm:NAME' for a ViT, got {self.init!r} with model {self.model!r}"),
-            (self.init_file is None or self.init is not None, "init_file needs init ('timm:NAME') to say what it holds"),
+            (self.init is None or (self.init.startswith(("timm:", "mae:")) and self.model == "vit"),
+             f"init must be 'timm:NAME' or 'mae:PATH' for a ViT, got {self.init!r} with model {self.model!r}"),
+            (self.init_file is None or (self.init or "").startswith("timm:"),
+             "init_file needs init ('timm:NAME') to say what it holds"),
+            (self.objective in ("classify", "mae"), f"objective must be 'classify' or 'mae', got {self.objective!r}"),
+            (self.objective == "classify" or (self.model == "vit" and not self.vit.distilled and self.init is None
+                                              and self.distill_from is None),
+             "objective 'mae' pretrains a plain ViT from scratch; leave out distillation and init"),
+            (0 <= self.mask_ratio < 1, f"mask_ratio must be in [0, 1), got {self.mask_ratio}"),
+            (self.mae_decoder_dim >= 4 and self.mae_decoder_dim % 4 == 0 and self.mae_decoder_depth >= 1,
+             f"mae_decoder_dim must be a multiple of 4 (its 4 heads) and mae_decoder_depth at least 1, got "
+             f"{self.mae_decoder_dim} and {self.mae_decoder_depth}"),
+            ((self.distill_from is not None) == (self.model == "vit" and self.vit.distilled),
+             "distill_from needs a ViT with a distillation token (vit.distilled) and such a ViT needs distill_from"),
+            (self.distill_kind in ("hard", "soft"), f"distill_kind must be 'hard' or 'soft', got {self.distill_kind!r}"),
+            (0 <= self.distill_alpha <= 1, f"distill_alpha must be in [0, 1], got {self.distill_alpha}"),
+            (finite(self.distill_tau) and self.distill_tau > 0, f"distill_tau must be a positive number, got "
+                                                                 f"{self.distill_tau}"),
             (finite(self.body_lr_scale) and self.body_lr_scale >= 0,
              f"body_lr_scale must be a number >= 0, got {self.body_lr_scale}"),
         ]

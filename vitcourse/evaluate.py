@@ -22,11 +22,10 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import SPLIT_FILE, CheckpointError, load_checkpoint, split_hash
+from .checkpoint import SPLIT_FILE, load_model, split_hash
 from .config import TrainConfig
 from .data import DataBundle, load_data
-from .models import build_model
-from .train import evaluate_model
+from .objectives import evaluate_model
 from .utils import default_device
 
 __all__ = ["load_trained", "evaluate_checkpoint"]
@@ -36,7 +35,7 @@ def load_trained(path: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
     """The model stored in a checkpoint, in eval mode, with its config and the checkpoint's contents.
 
     Reads ``best.safetensors`` / ``last.safetensors`` without running any code from them
-    (see :func:`vitcourse.checkpoint.load_checkpoint`).
+    (see :func:`vitcourse.checkpoint.load_model`).
 
     Returns:
         ``(model, config, info)``; the model maps ``(B, 3, S, S) -> (B, num_classes)``; ``info``
@@ -45,16 +44,7 @@ def load_trained(path: str | Path) -> tuple[nn.Module, TrainConfig, dict]:
     Raises:
         vitcourse.checkpoint.CheckpointError: not a usable checkpoint (one sentence).
     """
-    checkpoint = load_checkpoint(path)
-    cfg = TrainConfig.from_dict(checkpoint["config"])
-    try:
-        model = build_model(cfg, len(checkpoint["classes"]))
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, ValueError) as err:
-        missing = getattr(err, "args", [""])[0].split("\n")[0] if isinstance(err, RuntimeError) else str(err)
-        raise CheckpointError(f"the weights in {path} do not fit the model its config describes ({missing.strip()[:120]}); "
-                              f"the file is damaged or was edited.") from None
-    return model.eval(), cfg, checkpoint
+    return load_model(path, run_folder=False)  # a folder is named as such, with the file to pass
 
 
 def evaluate_checkpoint(path: str | Path, data: str | None = None, data_root: str | None = None,
@@ -65,6 +55,9 @@ def evaluate_checkpoint(path: str | Path, data: str | None = None, data_root: st
     Non-finite values are returned as they are; :func:`main` prints them as ``null``.
     """
     model, cfg, checkpoint = load_trained(path)
+    if cfg.objective == "mae":
+        raise ValueError(f"{path} is a masked autoencoder: it fills in hidden patches and has no classes to test; "
+                         f"fine-tune its encoder first (vitcourse train --init mae:{path}) and evaluate that run.")
     own = data is None
     name = data or _data_name(checkpoint, cfg)
     stats = (checkpoint["mean"], checkpoint["std"]) if checkpoint.get("mean") and checkpoint.get("std") else None

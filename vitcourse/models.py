@@ -13,7 +13,15 @@ __all__ = ["build_model"]
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """The network named by ``cfg.model``, with ``num_classes`` outputs: ``(B, 3, S, S) -> (B, num_classes)``."""
+    """The network named by ``cfg.model``, with ``num_classes`` outputs: ``(B, 3, S, S) -> (B, num_classes)``.
+
+    With ``cfg.objective == "mae"`` it is the masked autoencoder of ``cfg.vit`` instead (no classes).
+    """
+    if cfg.objective == "mae":
+        from .mae import MAE
+
+        return MAE(cfg.vit, decoder_dim=cfg.mae_decoder_dim, decoder_depth=cfg.mae_decoder_depth,
+                   norm_pix_loss=cfg.mae_norm_pix)
     if cfg.model == "vit":
         return VisionTransformer(dataclasses.replace(cfg.vit, num_classes=num_classes))
     if cfg.model == "cnn":

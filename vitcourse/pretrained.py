@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass, replace
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
@@ -289,6 +290,8 @@ def with_init(cfg, init: str, file: str | os.PathLike | None = None, image_size:
         ValueError: ``init`` is malformed or unknown to timm, timm's model is not a ViT vitcourse
             reproduces, or ``cfg.image_size`` is not a multiple of the checkpoint's patch size.
     """
+    if init.startswith(MAE_PREFIX):
+        return _with_mae_init(cfg, init, file, image_size)
     name = init_name(init)
     config = _architecture(name)
     size = cfg.image_size if image_size is None else image_size
@@ -340,12 +343,69 @@ def init_from_timm(model: VisionTransformer, cfg) -> str:
 
 
 def init_statistics(init: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The per-channel ``(mean, std)`` the checkpoint ``init`` (``"timm:NAME"``) was trained with.
+    """The per-channel ``(mean, std)`` the checkpoint ``init`` (``"timm:NAME"`` or ``"mae:PATH"``) was trained with.
 
-    Read from timm's ``pretrained_cfg`` for the name (its default tag if the name has none);
-    nothing is downloaded.
+    For timm, read from its ``pretrained_cfg`` for the name (its default tag if the name has none);
+    nothing is downloaded. For an MAE run of the course, from its checkpoint.
     """
+    if init.startswith(MAE_PREFIX):
+        from .checkpoint import load_checkpoint
+
+        info = load_checkpoint(_mae_file(init))
+        return tuple(float(v) for v in info["mean"]), tuple(float(v) for v in info["std"])
     from timm.models import get_pretrained_cfg
 
     cfg = get_pretrained_cfg(init_name(init))
     return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
+MAE_PREFIX = "mae:"
+"""How ``--init`` names a masked-autoencoder run of the course: ``mae:runs/mae`` (its best checkpoint) or a file."""
+
+
+def _mae_file(init: str) -> Path:
+    from .checkpoint import BEST_FILE
+
+    path = Path(init[len(MAE_PREFIX):]).expanduser()
+    return path / BEST_FILE if path.is_dir() else path
+
+
+def _with_mae_init(cfg, init: str, file, image_size: int | None):
+    """``cfg`` set up to start from the encoder of the MAE run ``init`` (``"mae:PATH"``): its ViT, at its size."""
+    from .checkpoint import load_checkpoint
+    from .config import TrainConfig
+
+    if file is not None:
+        raise ValueError("--init-file is for timm checkpoints; an MAE run is named by its path: --init mae:PATH.")
+    path = _mae_file(init)
+    info = load_checkpoint(path)  # checked: nothing in it runs, its settings fit its weights
+    mae = TrainConfig.from_dict(info["config"])
+    if mae.objective != "mae":
+        raise ValueError(f"--init {init}: {path} is not a masked-autoencoder run (its objective is {mae.objective!r}); "
+                         f"pass a run of vitcourse train --objective mae.")
+    size = cfg.image_size if image_size is None else image_size
+    if size != mae.image_size:
+        raise ValueError(f"--init {init} was pretrained on {mae.image_size}-pixel images and its positions are fixed "
+                         f"to that grid; train at --image-size {mae.image_size}.")
+    vit = replace(mae.vit, num_classes=cfg.vit.num_classes, distilled=cfg.vit.distilled)
+    return cfg.replace(model="vit", image_size=size, vit=vit, init=f"{MAE_PREFIX}{path}", init_file=None)
+
+
+def init_weights(model: VisionTransformer, cfg) -> str:
+    """Start ``model`` from what ``cfg.init`` names (:func:`init_from_timm`, or an MAE run's encoder);
+    returns one line for the run's log."""
+    if not cfg.init.startswith(MAE_PREFIX):
+        return init_from_timm(model, cfg)
+    from .checkpoint import load_model
+
+    if model.config.distilled:
+        raise ValueError(f"the encoder of {cfg.init} has no position for a distillation token; fine-tune it without "
+                         f"--distill-from, or distil a ViT trained from scratch.")
+    mae, _, info = load_model(_mae_file(cfg.init))
+    encoder = mae.encoder_state_dict()
+    state = model.state_dict()
+    if any(k not in state or state[k].shape != v.shape for k, v in encoder.items()):
+        raise ValueError(f"the encoder of {cfg.init} does not fit the run's ViT; build the run's config with "
+                         f"vitcourse.pretrained.with_init.")
+    model.load_state_dict({**state, **encoder})
+    return f"init: the encoder of {cfg.init} (epoch {info.get('epoch')}); new head with {model.config.num_classes} classes"

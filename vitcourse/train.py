@@ -44,7 +44,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -74,6 +73,7 @@ from .config import CONFIGS, TIMING_FIELDS, ConfigMismatch, TrainConfig, fingerp
 from .data import DataBundle, DataError, load_data
 from .data.order import EpochBatches
 from .models import build_model
+from .objectives import build_objective, evaluate_model
 from .optim import param_groups
 from .paths import atomic_write, runs_dir
 
@@ -179,12 +179,6 @@ def _loader(dataset: Dataset, cfg: TrainConfig, **kwargs) -> DataLoader:
                       persistent_workers=False, pin_memory=torch.cuda.is_available(), **kwargs)
 
 
-def _loader(dataset: Dataset, cfg: TrainConfig, **kwargs) -> DataLoader:
-    # An explicit generator keeps DataLoader from drawing on the global random state.
-    return DataLoader(dataset, num_workers=cfg.num_workers, generator=torch.Generator(),
-                      persistent_workers=False, pin_memory=torch.cuda.is_available(), **kwargs)
-
-
 # --------------------------------------------------------------------------- distributed helpers
 
 
@@ -255,37 +249,6 @@ def _load_data(cfg: TrainConfig, ctx: "_Dist", skip_bad_images: bool, progress: 
         is_data_error, message = shared[0]
         raise (DataError if is_data_error else ValueError)(message)
     return data if data is not None else build_data(cfg, skip_bad_images=skip_bad_images, verified=shared[1], progress=progress)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate_model(model: nn.Module, dataset: Dataset, batch_size: int = 500, device: torch.device | str = "cpu",
-                   num_workers: int = 0, return_outputs: bool = False) -> dict:
-    """Accuracy and mean cross-entropy of ``model`` on ``dataset`` (eval mode, no augmentation).
-
-    Returns:
-        ``{"loss", "acc", "n"}``; with ``return_outputs=True`` also ``"logits"`` ``(n, K)`` and ``"labels"`` ``(n,)``.
-    """
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, generator=torch.Generator())
-    loss_sum, correct, n, all_logits, all_labels = 0.0, 0, 0, [], []
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images).float()  # (B, K)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        n += len(labels)
-        if return_outputs:
-            all_logits.append(logits.cpu())
-            all_labels.append(labels.cpu())
-    model.train(was_training)
-    result = {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1), "n": n}
-    if return_outputs:
-        result["logits"], result["labels"] = torch.cat(all_logits), torch.cat(all_labels)
-    return result
 
 
 # --------------------------------------------------------------------------- the run folder
@@ -412,9 +375,18 @@ def _run(cfg: TrainConfig, out: Path, ctx: _Dist, data: DataBundle, notes: list[
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data.num_classes)
     if cfg.init is not None and checkpoint is None:  # only a new run: a resumed one has trained weights
-        from .pretrained import init_from_timm
+        from .pretrained import init_weights
 
-        log(init_from_timm(model, cfg))
+        log(init_weights(model, cfg))
+    teacher, teacher_sha256 = None, None
+    if cfg.distill_from is not None:
+        from .objectives import load_teacher
+
+        teacher, teacher_sha256 = load_teacher(cfg, data)
+        if checkpoint is not None and checkpoint.get("teacher_sha256") != teacher_sha256:
+            raise ConfigMismatch(f"the teacher {cfg.distill_from} changed since this run started (its weights differ); "
+                                 f"restore it, or train into another --out folder.")
+    objective = build_objective(cfg, ctx.device, teacher)
     model.to(ctx.device)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, total_steps, steps_per_epoch)
@@ -424,7 +396,7 @@ def _run(cfg: TrainConfig, out: Path, ctx: _Dist, data: DataBundle, notes: list[
     net = model
     if ctx.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    mixer = _batch_mixer(cfg, data.num_classes)
+    mixer = _batch_mixer(cfg, data.num_classes) if cfg.objective == "classify" else None
 
     # ---- the state of the run, restored from the checkpoint if there is one
     state = RunState()
@@ -444,6 +416,8 @@ def _run(cfg: TrainConfig, out: Path, ctx: _Dist, data: DataBundle, notes: list[
         write_metrics(out, state.rows)  # drops rows written after the checkpoint we resume from
     info = {"config": cfg.to_dict(), "classes": list(data.classes), "source": data.source, "mean": list(data.mean),
             "std": list(data.std), "model_name": cfg.model, "split_sha256": split_hash(record)}
+    if teacher_sha256 is not None:
+        info["teacher_sha256"] = teacher_sha256
 
     def save(finished: bool) -> None:
         """Write resume.pt, then last.safetensors (all processes' RNG states gathered on process 0)."""
@@ -474,8 +448,7 @@ def _run(cfg: TrainConfig, out: Path, ctx: _Dist, data: DataBundle, notes: list[
             if mixer is not None:
                 images, targets = targets
             with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=use_amp):
-                logits = net(images)  # (B, K)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+                loss, logits = objective.loss(net, images, targets)  # logits (B, K), or None without labels
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg.grad_clip is not None:
@@ -486,8 +459,8 @@ def _run(cfg: TrainConfig, out: Path, ctx: _Dist, data: DataBundle, notes: list[
             scaler.update()
             scheduler.step()
 
-            loss_sum, correct, seen = _all_sum(
-                [loss.item() * len(labels), (logits.argmax(-1) == labels).sum().item(), len(labels)], ctx)
+            right = 0 if logits is None else (logits.argmax(-1) == labels).sum().item()
+            loss_sum, correct, seen = _all_sum([loss.item() * len(labels), right, len(labels)], ctx)
             part["loss"] += loss_sum
             part["correct"] += correct
             part["seen"] += seen
@@ -506,10 +479,11 @@ def _run(cfg: TrainConfig, out: Path, ctx: _Dist, data: DataBundle, notes: list[
 
         # ---- end of the epoch (or of the step budget): validate, record, checkpoint
         partial_epoch = state.batch < steps_per_epoch
-        val = evaluate_model(model, data.val, cfg.eval_batch_size, ctx.device, cfg.num_workers)
+        val = objective.evaluate(model, data.val, cfg, ctx.device)
         row = {
             "epoch": epoch + 1, "step": state.step,
-            "train_loss": part["loss"] / part["seen"], "train_acc": part["correct"] / part["seen"],
+            "train_loss": part["loss"] / part["seen"],
+            "train_acc": None if val["acc"] is None else part["correct"] / part["seen"],
             "val_loss": val["loss"], "val_acc": val["acc"], "lr": lr,
             "images_per_sec": part["seen"] / max(part["time"], 1e-9), "epoch_time": part["time"],
             "data": data.source,
@@ -520,9 +494,10 @@ def _run(cfg: TrainConfig, out: Path, ctx: _Dist, data: DataBundle, notes: list[
             state.new_epoch()
         state.rows.append(row)
         # best: the best full epoch so far (a budget stop mid-epoch only writes one if there is none yet)
-        improved = val["acc"] > state.best_val_acc and not partial_epoch
+        score = -val["loss"] if val["acc"] is None else val["acc"]  # without labels: the lowest loss is best
+        improved = score > state.best_score and not partial_epoch
         if improved or (partial_epoch and not (out / BEST_FILE).exists()):
-            state.best_val_acc = val["acc"] if improved else state.best_val_acc
+            state.best_score = score if improved else state.best_score
             if ctx.main:
                 save_weights(out / BEST_FILE, plain_weights(model), {
                     **info, "kind": "best", "epoch": epoch + 1, "step": state.step, "val_acc": val["acc"],
@@ -535,7 +510,8 @@ def _run(cfg: TrainConfig, out: Path, ctx: _Dist, data: DataBundle, notes: list[
                         f"metrics.jsonl holds null there")
         save(finished=stop or state.epoch == cfg.epochs)
         log(f"epoch {epoch + 1}/{cfg.epochs} step {state.step}: train_loss {row['train_loss']:.4f} "
-            f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} last lr {row['lr']:.2e} "
+            f"val_loss {row['val_loss']:.4f}" + ("" if val["acc"] is None else f" val_acc {row['val_acc']:.4f}")
+            + f" last lr {row['lr']:.2e} "
             f"{row['images_per_sec']:.0f} img/s [data: {data.source}]")
         if partial_epoch:
             # restore the partial-epoch counters so a later, longer run continues this epoch exactly

@@ -38,6 +38,10 @@ def epilog(prog: str) -> str:
             f"  {prog} --config quick --data my_images --image-size 96 --init timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k "
             f"--body-lr-scale 0.1 --out runs/ft\n"
             f"  {prog} ... --init timm:vit_tiny_patch16_224 --init-file vit_tiny.safetensors   (offline: a local file)\n"
+            f"  {prog} --config quick --model cnn --out runs/cnn            (a teacher ...)\n"
+            f"  {prog} --config quick --distill-from runs/cnn --out runs/deit   (... and a ViT distilled from it)\n"
+            f"  {prog} --config quick --objective mae --out runs/mae          (pretraining without labels ...)\n"
+            f"  {prog} --config quick --init mae:runs/mae --out runs/mae-ft     (... then fine-tuning)\n"
             f"Under torchrun the same command trains with DistributedDataParallel.")
 
 
@@ -54,9 +58,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--subset", type=int, help="train on this many images only")
     p.add_argument("--image-size", type=int, help="side of the square images in pixels (default: the config's, 32; "
                                                   "CIFAR-10 is 32 only, image folders are resized to it)")
-    p.add_argument("--init", metavar="timm:NAME",
-                   help="start a ViT from this timm checkpoint (e.g. timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k): "
-                        "its architecture and weights, a new zero-initialised head for the data's classes, images "
+    p.add_argument("--init", metavar="timm:NAME|mae:PATH",
+                   help="start a ViT from the encoder of a course MAE run (mae:PATH: its ViT, positions and "
+                        "normalisation), or from this timm checkpoint (e.g. "
+                        "timm:vit_tiny_patch16_224.augreg_in21k_ft_in1k): its architecture and weights, a new zero-initialised head for the data's classes, images "
                         "normalised with the checkpoint's mean/std. Training runs at the data's resolution "
                         "(--image-size), not the checkpoint's: the learned position grid is resized bicubically. "
                         "Downloads the weights unless --init-file is given; --resume never reloads them")
@@ -66,6 +71,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--body-lr-scale", type=float,
                    help="with --init: learning rate of every parameter but the new head, as a multiple of --lr "
                         "(e.g. 0.1; default 1)")
+    p.add_argument("--objective", choices=("classify", "mae"),
+                   help="classify (default): learn the labels; mae: pretrain the ViT's encoder as a masked "
+                        "autoencoder, without labels (then fine-tune it with --init mae:OUT)")
+    p.add_argument("--mask-ratio", type=float, help="with --objective mae: fraction of patches hidden (default 0.75)")
+    p.add_argument("--distill-from", metavar="RUN_OR_CHECKPOINT",
+                   help="train a ViT with a distillation token from this frozen teacher (a course run folder or "
+                        "checkpoint trained on the same data, e.g. a CNN: --model cnn), with DeiT's loss")
+    p.add_argument("--distill-kind", choices=("hard", "soft"),
+                   help="with --distill-from: the teacher's top class (hard, default) or its distribution (soft)")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--num-workers", type=int, help="data-loading worker processes")
     p.add_argument("--out", help="output directory (default: runs/<config>)")
@@ -117,6 +131,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             base = cfg.replace(**{k: v for k, v in changes.items() if k not in ("model", "image_size")})
             cfg = with_init(base, args.init, args.init_file, image_size=args.image_size)
             changes = {} if args.body_lr_scale is None else {"body_lr_scale": args.body_lr_scale}
+        changes.update({k: getattr(args, k) for k in ("objective", "mask_ratio", "distill_kind")
+                        if getattr(args, k) is not None})
+        if args.distill_from is not None:  # the student gets DeiT's distillation token and second head
+            changes["distill_from"] = str(Path(args.distill_from).expanduser())
+            changes["vit"] = dataclasses.replace(changes.get("vit", cfg.vit), distilled=True)
         return cfg.replace(**changes)
     except ValueError as err:
         raise ValueError(flag_words(str(err), {"max_lr": "--lr"})) from None
@@ -136,7 +155,10 @@ def check_paths(cfg: TrainConfig, out: Path, resume: bool) -> None:
         raise ValueError(f"--data-root {cfg.data_root} is a file, not a folder; pass the folder that holds (or will "
                          f"hold) cifar-10-batches-py.")
     check_out_dir(out, data=folder if folder is not None and folder.is_dir() else None)
-    if cfg.init is not None and not (resume and (out / RESUME_FILE).exists()):  # a new run loads the weights
+    if cfg.distill_from is not None and not Path(cfg.distill_from).exists():
+        raise ValueError(f"--distill-from {cfg.distill_from} does not exist; pass the run folder or checkpoint of a "
+                         f"trained teacher (e.g. runs/cnn or runs/cnn/best.safetensors).")
+    if (cfg.init or "").startswith("timm:") and not (resume and (out / RESUME_FILE).exists()):  # weights to load
         if cfg.init_file is not None:
             _check_init_file(Path(cfg.init_file).expanduser(), cfg.init.removeprefix("timm:"))
         if cfg.init_file is None and not downloads_allowed():
