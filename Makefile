@@ -8,7 +8,7 @@ WORKERS ?= 2
 # Chapters keep training runs here; the book build and nbval share them (see vitcourse.paths.runs_dir).
 export VITCOURSE_RUNS ?= $(CURDIR)/_build/runs
 
-.PHONY: book test env clean linkcheck student-notebooks
+.PHONY: book test env clean linkcheck student-notebooks lint
 
 env: $(STAMP)
 
@@ -26,6 +26,10 @@ book: $(STAMP)
 ## Run every test: unit tests, grader self-tests, and nbval over every notebook.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --nbval-lax --nbval-cell-timeout=900
+
+## Lint the package, the tests and the scripts (ruff; settings in pyproject.toml).
+lint: $(STAMP)
+	$(BIN)/ruff check vitcourse tests benchmarks grading book/_ext
 
 ## Check external links (needs the internet; not run in CI).
 linkcheck: $(STAMP)

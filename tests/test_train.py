@@ -137,7 +137,7 @@ def test_models_by_name():
     x = torch.randn(2, 3, 32, 32)
     assert build_model(TINY, 7)(x).shape == (2, 7)
     assert build_model(TINY.replace(model="cnn"), 5)(x).shape == (2, 5)
-    ultimus = pytest.importorskip("vitcourse.ultimus")
+    from vitcourse import ultimus  # the project's own module: a broken import must fail, not skip
     assert build_model(TINY.replace(model="ultimus"), 10)(x).shape == (2, 10)
     with pytest.raises(ValueError, match="unknown model"):
         build_model(TINY.replace(model="ultimus_nope"), 10)
