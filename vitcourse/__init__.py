@@ -14,6 +14,20 @@ One small module per idea:
 * :mod:`vitcourse.recipes`, :mod:`vitcourse.experiments`, :mod:`vitcourse.ultimus_report` - the measured
   experiments and the sentences chapters 5, 9 and 6 choose from their numbers
 * :mod:`vitcourse.optim` - the one parameter-group rule (weight decay on weight matrices only)
+* :mod:`vitcourse.distill` and :mod:`vitcourse.mae` - DeiT's distillation losses and a masked autoencoder;
+  :mod:`vitcourse.lowlabel` - chapter 10's comparison of them
+* :mod:`vitcourse.pretrained` and :mod:`vitcourse.transfer` - a timm checkpoint into the course's ViT, and
+  chapter 8's probe / fine-tune / scratch comparison
+
+The training wing, in the order a run's config travels (config -> data -> model -> checkpoint):
+
+* :mod:`vitcourse.config` - ``TrainConfig`` (every value checked), the named presets, run folders
+* :mod:`vitcourse.data` - CIFAR-10, image folders and the offline stand-in, as one ``DataBundle``
+* :mod:`vitcourse.models` and :mod:`vitcourse.objectives` - the network a config names, and what it minimises
+* :mod:`vitcourse.train` - the loop; :mod:`vitcourse.checkpoint` - what a run writes, checked before it is trusted
+* :mod:`vitcourse.evaluate` - a checkpoint's test accuracy
+* :mod:`vitcourse.paths` - where runs and data live, atomic writes, folder locks (imports nothing of the course)
+* :mod:`vitcourse.cli` - the ``vitcourse`` command: every argument parser of the package, and nothing else imports it
 """
 
 from .vit import PRESETS, VisionTransformer, ViTConfig, count_parameters
