@@ -1,6 +1,8 @@
 """Chapter 10's experiment (vitcourse.lowlabel) and its page.
 
-The training loop must be chapter 9's (train_seed's result exactly), the distillation loss DeiT's hard one,
+The training loop must be chapter 9's (train_seed's result exactly), its recipe chapter 9's with augmentation on,
+the teacher's disagreement with the labels counted on the student's own augmented views, the distillation loss
+DeiT's hard one,
 pretraining must never read a label, the cache must rerun only what a change touches, every verdict sentence
 must match stats.compare, and the page must compute what its prose says.
 """
@@ -8,6 +10,7 @@ must match stats.compare, and the page must compute what its prose says.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from pathlib import Path
 
@@ -25,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGE = "book/ch10_low_labels"
 TINY_VIT = {"kind": "vit", "image_size": 8, "patch_size": 4, "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 32}
 TINY_RECIPE = Recipe(epochs=2, batch_size=8, warmup_epochs=1.0, crop_pad=0, flip=False, eval_points=2)
+AUGMENTED = dataclasses.replace(TINY_RECIPE, crop_pad=2, flip=True)
 
 
 @pytest.fixture(scope="module")
@@ -65,21 +69,50 @@ def _chapter9_settings() -> dict:
     return found
 
 
-def test_the_data_models_recipe_and_seeds_are_chapter_9s():
+def test_the_data_models_recipe_and_seeds_are_chapter_9s_with_augmentation_on():
     ch9 = _chapter9_settings()
     assert ch9["VIT"] == lowlabel.VIT and ch9["CNN"] == lowlabel.CNN
-    assert Recipe(**ch9["Recipe"]) == lowlabel.RECIPE
+    assert (ch9["Recipe"]["crop_pad"], ch9["Recipe"]["flip"]) == (0, False)  # chapter 9: off
+    assert Recipe(**{**ch9["Recipe"], "crop_pad": 2, "flip": True}) == lowlabel.RECIPE
+    assert (lowlabel.RECIPE.crop_pad, lowlabel.RECIPE.flip) == (Recipe.crop_pad, Recipe.flip) == (2, True)
     assert ch9["small_images"] == lowlabel.DATA
     plan = lowlabel.Plan()
     assert plan.size == ch9["ABLATION_SIZE"] and list(plan.seeds) == ch9["SEEDS"]
     assert plan.recipe == lowlabel.RECIPE and dict(plan.vit) == lowlabel.VIT and dict(plan.cnn) == lowlabel.CNN
 
 
-def test_fit_is_train_seed_for_a_plain_model(data):
-    expected = train_seed(TINY_VIT, data, 16, TINY_RECIPE, seed=3)
+@pytest.mark.parametrize("recipe", [TINY_RECIPE, AUGMENTED], ids=["plain", "augmented"])
+def test_fit_is_train_seed_for_a_plain_model(data, recipe):
+    expected = train_seed(TINY_VIT, data, 16, recipe, seed=3)
     torch.manual_seed(3)
     model = model_from_spec(TINY_VIT, 4)
-    assert lowlabel.fit(model, data, 16, TINY_RECIPE, seed=3) == expected
+    assert lowlabel.fit(model, data, 16, recipe, seed=3) == expected
+
+
+def test_teacher_disagreement_is_counted_on_the_students_own_views(data, monkeypatch):
+    torch.manual_seed(0)
+    teacher = model_from_spec({"kind": "cnn", "width": 2}, 4)
+    with torch.no_grad():  # without augmentation: each clean image once an epoch
+        clean = float((teacher.eval()(data.train_x[:16]).argmax(1) != data.train_y[:16]).float().mean())
+    teacher.train()
+    assert lowlabel.teacher_disagreement(teacher, data, 16, TINY_RECIPE, seed=0) == pytest.approx(clean)
+    assert teacher.training  # left as it was found
+
+    seen = []
+
+    class Recording(lowlabel.DistillationLoss):
+        def forward(self, images, outputs, labels):
+            with torch.no_grad():
+                seen.append((self.teacher(images).argmax(1) != labels.argmax(1)).float())
+            return super().forward(images, outputs, labels)
+
+    monkeypatch.setattr(lowlabel, "DistillationLoss", Recording)
+    torch.manual_seed(0)
+    student = model_from_spec({**TINY_VIT, "distilled": True}, 4)
+    lowlabel.fit(student, data, 16, AUGMENTED, seed=5, teacher=teacher)
+    assert len(seen) == 4  # 2 epochs of 2 batches
+    expected = float(torch.cat(seen).mean())
+    assert lowlabel.teacher_disagreement(teacher, data, 16, AUGMENTED, seed=5) == pytest.approx(expected)
 
 
 def test_distillation_is_deits_hard_loss_with_smoothed_labels_only(data, monkeypatch):
@@ -154,7 +187,7 @@ def test_run_stores_every_stage_and_reruns_only_what_a_change_touches(data, tmp_
     assert list(results) == list(lowlabel.STAGES)
     assert all(len(results[s]) == 2 for s in lowlabel.STAGES)
     assert all(Path(r["weights"]).is_file() for s in ("cnn", "mae") for r in results[s])
-    assert 0 <= results["cnn"][0]["train_agreement"] <= 1
+    assert 0 <= results["cnn"][0]["train_agreement"] <= 1 and 0 <= results["cnn"][0]["view_disagreement"] <= 1
     files = list((tmp_path / "t").glob("*.json"))
     assert len(files) == 2 * len(lowlabel.STAGES) and len(list((tmp_path / "t").glob("*.pt"))) == 4
 
@@ -261,7 +294,8 @@ def test_page_computes_its_conclusions():
     glued |= {f"{c}_sentence" for c in lowlabel.COMPARISONS} | {f"{s}_acc" for s in lowlabel.STAGES}
     used = set(re.findall(r"\{glue:text\}`(\w+)", prose))
     assert used and not used - glued, f"prose uses values no cell glues: {sorted(used - glued)}"
-    for conclusion in [f"{c}_sentence" for c in lowlabel.COMPARISONS] + ["teacher_agree", "plateau", "data_name"]:
+    for conclusion in [f"{c}_sentence" for c in lowlabel.COMPARISONS] + ["teacher_agree", "view_disagree", "plateau",
+                                                                         "data_name", "crop_pad"]:
         assert conclusion in used, f"the page's prose does not show the computed {conclusion}"
     for cell in code_cells:
         if "glue(" in cell.source:
@@ -270,6 +304,14 @@ def test_page_computes_its_conclusions():
         assert not cell.get("outputs") and cell.get("execution_count") is None  # stored without outputs
     for key in ("touvron2021training", "he2022masked", "dosovitskiy2021image"):
         assert key in prose and f"{{{key}," in (ROOT / "book/references.bib").read_text()
+
+
+def test_the_prose_no_longer_says_augmentation_is_off():
+    _, code_cells, prose = _page()
+    flat = " ".join(prose.split())
+    for stale in ("no augmentation", "repeat chapter 9's runs", "unaugmented;", "chapter 9's own images, models and recipe"):
+        assert stale not in flat, stale
+    assert "view_disagreement" in "\n".join(c.source for c in code_cells)
 
 
 def test_every_number_in_the_prose_is_glued():

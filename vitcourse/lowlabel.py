@@ -1,8 +1,13 @@
 """Chapter 10: a ViT from a small labelled set, by distillation from a CNN and by masked-image pretraining.
 
-On chapter 9's data and recipe, at one training-set size, every *stage* runs once per seed:
+On chapter 9's data and models, with its recipe but augmentation on (random crops after padding by 2 pixels and
+horizontal flips, the defaults of :class:`~vitcourse.experiments.Recipe` that chapter 9's small-data runs switch
+off), at one training-set size, every *stage* runs once per seed:
 
-* ``"cnn"`` - chapter 9's SmallCNN, also the teacher of the distilled ViT of its seed;
+* ``"cnn"`` - chapter 9's SmallCNN, also the teacher of the distilled ViT of its seed; its result also holds
+  how often its top class differs from the label on the augmented training views that student trains on
+  (:func:`teacher_disagreement`): without augmentation a teacher that fits its training images only repeats
+  the labels, and hard distillation could show no effect;
 * ``"scratch"`` - chapter 9's ViT from random weights;
 * ``"distilled"`` - that ViT with ``distilled=True``, trained on DeiT's hard-label loss (Touvron et al. 2021)
   ``1/2 CE(z_cls, y) + 1/2 CE(z_dist, argmax z_teacher)`` (:mod:`vitcourse.distill`);
@@ -45,17 +50,19 @@ from .vit import VisionTransformer, ViTConfig
 
 __all__ = ["DATA", "VIT", "CNN", "RECIPE", "Pretrain", "Probe", "Plan", "STAGES", "NEEDS", "fit", "pretrain_mae",
            "build_mae", "linear_probe", "reconstruct", "run_job", "run", "load_mae", "chance_estimate", "VIT_NAMES",
-           "best_vit", "COMPARISONS", "sentence", "FORMAT"]
+           "best_vit", "COMPARISONS", "sentence", "FORMAT", "teacher_disagreement"]
 
-FORMAT = 1
+FORMAT = 2
 """The version of the result files; raising it makes every cached result stale."""
 
-# Chapter 9's small-data experiment: its small_images call, its ViT and CNN, its recipe (augmentation off).
+# Chapter 9's small-data experiment: its small_images call, its ViT and CNN, its recipe but with augmentation on
+# (chapter 9 switches it off; Recipe's defaults crop_pad=2, flip=True), so that a teacher's top class for the view a
+# student sees can differ from the label.
 DATA = {"train_size": 1000, "val_size": 500, "test_size": 4000, "factor": 2}
 VIT = {"kind": "vit", "image_size": 16, "patch_size": 4, "dim": 64, "depth": 4, "heads": 4, "mlp_dim": 128}
 CNN = {"kind": "cnn", "width": 22}
 RECIPE = Recipe(epochs=24, batch_size=32, lr=2e-3, weight_decay=0.05, warmup_epochs=2.0, label_smoothing=0.1,
-                crop_pad=0, flip=False, eval_points=6)
+                crop_pad=2, flip=True, eval_points=6)
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,35 @@ def _num_classes(data: TensorData) -> int:
     return int(max(data.train_y.max(), data.test_y.max())) + 1
 
 
+def _epoch(x: Tensor, size: int, recipe: Recipe, generator: torch.Generator) -> Iterable[tuple[Tensor, Tensor]]:
+    """One epoch of train_seed's batches, ``(indices, augmented images)``, drawn from ``generator``."""
+    order = torch.randperm(size, generator=generator)
+    for start in range(0, size, recipe.batch_size):
+        idx = order[start:start + recipe.batch_size]
+        images = x[idx]
+        if recipe.crop_pad or recipe.flip:
+            images = augment_batch(images, generator, recipe.crop_pad, recipe.flip)
+        yield idx, images
+
+
+@torch.no_grad()
+def teacher_disagreement(teacher: nn.Module, data: TensorData, size: int, recipe: Recipe, seed: int) -> float:
+    """The share of the augmented training views a student trained by :func:`fit` with ``seed`` sees, over all
+    its epochs, on which ``teacher``'s top class (in eval mode) is not the label: where hard distillation tells
+    the student something the labels do not. It replays fit's draws, so the views are exactly the student's."""
+    x, y = data.train_x[:size], data.train_y[:size]
+    was_training = teacher.training
+    teacher.eval()
+    generator = torch.Generator().manual_seed(seed)
+    differ = seen = 0
+    for _ in range(recipe.epochs):
+        for idx, images in _epoch(x, size, recipe, generator):
+            differ += int((teacher(images).argmax(-1) != y[idx]).sum())
+            seen += len(idx)
+    teacher.train(was_training)
+    return differ / seen
+
+
 def fit(model: nn.Module, data: TensorData, size: int, recipe: Recipe, seed: int,
         teacher: nn.Module | None = None) -> dict:
     """Train ``model`` in place on the first ``size`` training images with train_seed's loop (the same optimizer,
@@ -131,13 +167,8 @@ def fit(model: nn.Module, data: TensorData, size: int, recipe: Recipe, seed: int
     step = 0
     model.train()
     for epoch in range(1, recipe.epochs + 1):
-        order = torch.randperm(size, generator=generator)
         correct = 0
-        for start in range(0, size, recipe.batch_size):
-            idx = order[start:start + recipe.batch_size]
-            images = x[idx]
-            if recipe.crop_pad or recipe.flip:
-                images = augment_batch(images, generator, recipe.crop_pad, recipe.flip)
+        for idx, images in _epoch(x, size, recipe, generator):
             for group in optimizer.param_groups:
                 group["lr"] = rates[step]
             outputs = model(images)  # (B, K), or the pair (cls, dist) of a distilled ViT
@@ -302,6 +333,7 @@ def run_job(stage: str, seed: int, plan: Plan, data: TensorData, source: str | N
         result = fit(model, data, plan.size, plan.recipe, seed, teacher)
         if stage == "cnn":  # where the teacher's top class is not the label, it says what the labels do not
             result["train_agreement"] = _accuracy(model, data.train_x[:plan.size], data.train_y[:plan.size])
+            result["view_disagreement"] = teacher_disagreement(model, data, plan.size, plan.recipe, seed)
         return result, model.state_dict() if stage == "cnn" else None
     torch.manual_seed(seed)  # for "*_init": the MAE of this seed before pretraining, as pretrain_mae draws it
     mae = (build_mae(plan.vit, plan.pretrain, classes).eval() if stage.endswith("_init")
