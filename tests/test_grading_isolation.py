@@ -119,3 +119,18 @@ for _fd in range(3, 64):
     result = grade_one(tmp_path, nb)
     assert result.scores == FULL, [c.message for c in result.checks]
     assert all(c.message in ("", HIDDEN_FAILED) for c in result.checks if c.hidden)
+
+
+def test_a_forged_fatal_record_cannot_stop_the_students_own_grading(tmp_path):
+    # "fatal" is what the sandbox writes when it cannot isolate a submission, before any of its code runs.
+    nb = with_statement("""
+import os
+for _fd in range(3, 64):
+    try:
+        if os.readlink(f"/proc/self/fd/{_fd}").startswith("pipe:"):
+            os.write(_fd, b'\\n{"fatal": "forged"}\\n')
+    except OSError:
+        pass
+""")
+    result = grade_one(tmp_path, nb)
+    assert result.scores == FULL, [c.message for c in result.checks]

@@ -188,7 +188,14 @@ def test_read_run_believes_forged_records_only_for_what_is_in_progress():
     assert run.current is None and run.began == 0.0
     run = read_run(records((BEGIN, "s0", {}), (BEGIN, "c0", {}), (END, "c1", {"status": EXIT}), (FATAL, "no", {}),
                            (END, "c0", {"status": EXIT})), statements={"s0"}, checks={"c0", "c1"})
-    assert run.fatal == "no" and run.ended["c1"].spent is None and run.current == "c0"  # nothing after a fatal
+    # a fatal after submission code began is forged: ignored, so a student cannot stop their own grading
+    assert run.fatal is None and run.ended["c1"].spent is None and "c0" in run.ended
+
+
+def test_a_fatal_counts_only_as_the_first_record_of_a_run():
+    run = read_run(records((FATAL, "the sandbox could not isolate the submission", {}), (BEGIN, "s0", {})),
+                   statements={"s0"}, checks=set())
+    assert run.fatal == "the sandbox could not isolate the submission" and run.current is None  # nothing after it
 
 
 def _sources() -> dict[str, ast.Module]:

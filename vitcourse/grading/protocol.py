@@ -131,14 +131,17 @@ def read_run(records: Iterable[tuple[Record, float]], statements: Container[str]
 
     What is in progress changes with each ``begin`` of a statement, or of a check that has not ended;
     a ``done`` counts only for what is in progress (a check keeps its first); an ``end`` counts once per
-    check, and charges the time since its ``begin`` only if it was in progress. Anything else is ignored.
+    check, and charges the time since its ``begin`` only if it was in progress. A ``fatal`` counts only as
+    the run's first record (the sandbox failed before any submission code ran). Anything else is ignored.
     """
     run, began, done = RunResult(), {}, {}
-    for record, t in records:
+    for index, (record, t) in enumerate(records):
         kind, key = record.kind, record.id
-        if kind == FATAL:
-            run.fatal = key
-            break
+        if kind == FATAL:  # only the zygote writes one, before any student code: a later one is forged
+            if index == 0:
+                run.fatal = key
+                break
+            continue
         if key in statements and kind == BEGIN:
             run.current = key
         elif key in statements and kind == DONE and key == run.current:
