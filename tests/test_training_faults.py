@@ -212,10 +212,13 @@ def test_a_file_name_that_is_not_utf8_trains_and_is_named_when_bad(tmp_path):
 
 def test_a_decompression_bomb_is_called_too_large_not_corrupt(tmp_path):
     folder = _folder(tmp_path / "imgs")
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # a valid PNG that claims 100,000 x 100,000 pixels: a few hundred bytes that would decode to 30 GB
     header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
-    (folder / "ants" / "bomb.png").write_bytes(
-        b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + header
-        + struct.pack(">I", zlib.crc32(b"IHDR" + header)) + b"\x00" * 16)
+    (folder / "ants" / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                                               + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
     done = vitcourse(tmp_path, "train", *COMMON, "--data", str(folder), "--image-size", "16", "--out",
                      str(tmp_path / "run"))
     message = assert_one_sentence(done, "too large to decode safely", "bomb.png")
