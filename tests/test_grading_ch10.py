@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_grading_new_ch58 import failed, outcomes  # one way to run every public and hidden check
 
-from vitcourse.grading import runtime
 from vitcourse.grading.notebook import Cell, Notebook, rule_findings, select_statements
 from vitcourse.grading.sandbox import bwrap_status
-from vitcourse.grading.spec import find_exercise, hidden_folder, load_chapter, load_hidden, seed_for
+from vitcourse.grading.spec import find_exercise, hidden_folder, load_chapter, load_hidden
 
 ROOT = Path(__file__).resolve().parent.parent
 SOLUTION = ROOT / "notebooks" / "solutions" / "ch10_exercises.ipynb"
@@ -58,28 +58,6 @@ def variant(answer: str, *edits: tuple[str, str]) -> dict:
         source = source.replace(old, new)
     exec(source, namespace)  # noqa: S102 - the course's own solution code, edited
     return namespace
-
-
-def outcomes(exercise_id: str, namespace: dict, salt: str = "") -> dict[str, str | None]:
-    """``{check description: None or why it failed}`` for every public and hidden check of an exercise."""
-    chapter, exercise = find_exercise(exercise_id)
-    checks = [(c, False, i) for i, c in enumerate(exercise.public)]
-    checks += [(c, True, i) for i, c in enumerate(load_hidden(chapter.name, hidden_folder()).get(exercise_id, []))]
-    found = {}
-    for chk, hidden, index in checks:
-        case = chk.build(seed_for(chapter.name, exercise_id, index, hidden, salt))
-        runtime.seed_all(0)
-        try:
-            value = runtime.to_plain(runtime.evaluate(runtime.decode(runtime.encode(case.task)), namespace))
-        except Exception as err:  # noqa: BLE001 - a wrong answer may raise; that is a failed check
-            found[chk.description] = f"raised {type(err).__name__}: {err}"
-            continue
-        found[chk.description] = case.compare(value, case.expected)
-    return found
-
-
-def failed(found: dict) -> set[str]:
-    return {description for description, problem in found.items() if problem is not None}
 
 
 def public_of(exercise_id: str) -> set[str]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import yaml
 from torch.testing import assert_close
 
-from vitcourse import lowlabel, stats
+from vitcourse import distill, lowlabel, stats
 from vitcourse.experiments import Recipe, TensorData, model_from_spec, train_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,13 +100,13 @@ def test_teacher_disagreement_is_counted_on_the_students_own_views(data, monkeyp
 
     seen = []
 
-    class Recording(lowlabel.DistillationLoss):
+    class Recording(distill.DistillationLoss):
         def forward(self, images, outputs, labels):
             with torch.no_grad():
                 seen.append((self.teacher(images).argmax(1) != labels.argmax(1)).float())
             return super().forward(images, outputs, labels)
 
-    monkeypatch.setattr(lowlabel, "DistillationLoss", Recording)
+    monkeypatch.setattr(distill, "DistillationLoss", Recording)  # experiments.fit imports it when called
     torch.manual_seed(0)
     student = model_from_spec({**TINY_VIT, "distilled": True}, 4)
     lowlabel.fit(student, data, 16, AUGMENTED, seed=5, teacher=teacher)
@@ -118,13 +118,13 @@ def test_teacher_disagreement_is_counted_on_the_students_own_views(data, monkeyp
 def test_distillation_is_deits_hard_loss_with_smoothed_labels_only(data, monkeypatch):
     seen = []
 
-    class Recording(lowlabel.DistillationLoss):
+    class Recording(distill.DistillationLoss):
         def forward(self, images, outputs, labels):
             loss = super().forward(images, outputs, labels)
             seen.append((images, [o.detach() for o in outputs], labels, loss.detach(), self.teacher.training))
             return loss
 
-    monkeypatch.setattr(lowlabel, "DistillationLoss", Recording)
+    monkeypatch.setattr(distill, "DistillationLoss", Recording)  # experiments.fit imports it when called
     recipe = Recipe(epochs=1, batch_size=8, warmup_epochs=0.0, label_smoothing=0.2, crop_pad=0, flip=False,
                     eval_points=1)
     teacher = model_from_spec({"kind": "cnn", "width": 2}, 4)

@@ -43,7 +43,7 @@ from .paths import atomic_write, runs_dir
 from .stats import Estimate, TrendVerdict, Verdict
 
 __all__ = [
-    "Recipe", "TensorData", "small_images", "tensors_of", "downsample", "augment_batch", "model_from_spec", "train_seed",
+    "Recipe", "TensorData", "small_images", "tensors_of", "downsample", "augment_batch", "model_from_spec", "train_seed", "fit",
     "cache_key", "run_experiments", "trend_sentence", "compare_sentence", "gap_sentence", "plateau_sentence",
     "layernorm_sentence",
     "FORMAT",
@@ -247,16 +247,44 @@ def train_seed(spec: Mapping, data: TensorData, size: int, recipe: Recipe, seed:
         ``{"test_acc": float, "train_acc": [per epoch], "val_epochs": [...], "val_acc": [...]}``;
         ``train_acc`` is the accuracy on the epoch's augmented training batches, measured while training.
     """
-    from .optim import param_groups
-
     if not 1 <= size <= len(data.train_y):
         raise ValueError(f"size must be between 1 and the {len(data.train_y)} training images, got {size}.")
     torch.manual_seed(seed)
-    num_classes = int(max(data.train_y.max(), data.test_y.max())) + 1
-    model = model_from_spec(spec, num_classes)
+    return fit(model_from_spec(spec, _num_classes(data)), data, size, recipe, seed)
+
+
+def _num_classes(data: TensorData) -> int:
+    return int(max(data.train_y.max(), data.test_y.max())) + 1
+
+
+def _epoch(x: Tensor, size: int, recipe: Recipe, generator: torch.Generator) -> Iterable[tuple[Tensor, Tensor]]:
+    """One epoch of train_seed's batches, ``(indices, augmented images)``, drawn from ``generator``."""
+    order = torch.randperm(size, generator=generator)
+    for start in range(0, size, recipe.batch_size):
+        idx = order[start:start + recipe.batch_size]
+        images = x[idx]
+        if recipe.crop_pad or recipe.flip:
+            images = augment_batch(images, generator, recipe.crop_pad, recipe.flip)
+        yield idx, images
+
+
+def fit(model: nn.Module, data: TensorData, size: int, recipe: Recipe, seed: int,
+        teacher: nn.Module | None = None) -> dict:
+    """Train ``model`` in place on the first ``size`` training images (the same optimizer,
+    schedule, batches and augmentation for a given ``seed``); returns :func:`train_seed`'s ``{"test_acc", "train_acc",
+    "val_epochs", "val_acc"}``.
+
+    With a ``teacher`` (in eval mode, scoring each batch as the student sees it) the model must be a distilled
+    ViT, trained on DeiT's hard-label loss ``1/2 CE(z_cls, y_smooth) + 1/2 CE(z_dist, argmax z_teacher)``:
+    the labels carry the recipe's label smoothing, the teacher's classes do not.
+    """
+    from .distill import DistillationLoss
+    from .optim import param_groups
+
     x, y = data.train_x[:size], data.train_y[:size]
-    steps_per_epoch = math.ceil(size / recipe.batch_size)
-    rates = recipe.learning_rates(steps_per_epoch)
+    classes = _num_classes(data)
+    criterion = None if teacher is None else DistillationLoss(teacher.eval(), kind="hard", alpha=0.5)
+    rates = recipe.learning_rates(math.ceil(size / recipe.batch_size))
     optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr)
     generator = torch.Generator().manual_seed(seed)
     evaluate_at = set(recipe.eval_epochs())
@@ -264,17 +292,19 @@ def train_seed(spec: Mapping, data: TensorData, size: int, recipe: Recipe, seed:
     step = 0
     model.train()
     for epoch in range(1, recipe.epochs + 1):
-        order = torch.randperm(size, generator=generator)
         correct = 0
-        for start in range(0, size, recipe.batch_size):
-            idx = order[start:start + recipe.batch_size]
-            images = x[idx]
-            if recipe.crop_pad or recipe.flip:
-                images = augment_batch(images, generator, recipe.crop_pad, recipe.flip)
+        for idx, images in _epoch(x, size, recipe, generator):
             for group in optimizer.param_groups:
                 group["lr"] = rates[step]
-            logits = model(images)  # (B, K)
-            loss = F.cross_entropy(logits, y[idx], label_smoothing=recipe.label_smoothing)
+            outputs = model(images)  # (B, K), or the pair (cls, dist) of a distilled ViT
+            if criterion is None:
+                logits = outputs
+                loss = F.cross_entropy(logits, y[idx], label_smoothing=recipe.label_smoothing)
+            else:
+                eps = recipe.label_smoothing  # CE with these targets is CE with label_smoothing=eps
+                targets = F.one_hot(y[idx], classes).float() * (1 - eps) + eps / classes  # (B, K)
+                loss = criterion(images, outputs, targets)
+                logits = (outputs[0] + outputs[1]) / 2
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if recipe.grad_clip is not None:

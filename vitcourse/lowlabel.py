@@ -40,8 +40,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .distill import DistillationLoss
-from .experiments import Recipe, TensorData, _accuracy, augment_batch, model_from_spec  # _accuracy: eval mode
+from .experiments import (  # _accuracy: eval mode
+    Recipe,
+    TensorData,
+    _accuracy,
+    _epoch,
+    _num_classes,
+    fit,
+    model_from_spec,
+)
 from .mae import MAE, NORM_PIX_EPS, patchify, unpatchify
 from .optim import param_groups
 from .paths import atomic_write, runs_dir
@@ -113,21 +120,6 @@ NEEDS = {"distilled": "cnn", "finetuned": "mae", "probe": "mae"}
 # --------------------------------------------------------------------------- training
 
 
-def _num_classes(data: TensorData) -> int:
-    return int(max(data.train_y.max(), data.test_y.max())) + 1
-
-
-def _epoch(x: Tensor, size: int, recipe: Recipe, generator: torch.Generator) -> Iterable[tuple[Tensor, Tensor]]:
-    """One epoch of train_seed's batches, ``(indices, augmented images)``, drawn from ``generator``."""
-    order = torch.randperm(size, generator=generator)
-    for start in range(0, size, recipe.batch_size):
-        idx = order[start:start + recipe.batch_size]
-        images = x[idx]
-        if recipe.crop_pad or recipe.flip:
-            images = augment_batch(images, generator, recipe.crop_pad, recipe.flip)
-        yield idx, images
-
-
 @torch.no_grad()
 def teacher_disagreement(teacher: nn.Module, data: TensorData, size: int, recipe: Recipe, seed: int) -> float:
     """The share of the augmented training views a student trained by :func:`fit` with ``seed`` sees, over all
@@ -144,55 +136,6 @@ def teacher_disagreement(teacher: nn.Module, data: TensorData, size: int, recipe
             seen += len(idx)
     teacher.train(was_training)
     return differ / seen
-
-
-def fit(model: nn.Module, data: TensorData, size: int, recipe: Recipe, seed: int,
-        teacher: nn.Module | None = None) -> dict:
-    """Train ``model`` in place on the first ``size`` training images with train_seed's loop (the same optimizer,
-    schedule, batches and augmentation for a given ``seed``); returns train_seed's ``{"test_acc", "train_acc",
-    "val_epochs", "val_acc"}``.
-
-    With a ``teacher`` (in eval mode, scoring each batch as the student sees it) the model must be a distilled
-    ViT, trained on DeiT's hard-label loss ``1/2 CE(z_cls, y_smooth) + 1/2 CE(z_dist, argmax z_teacher)``:
-    the labels carry the recipe's label smoothing, the teacher's classes do not.
-    """
-    x, y = data.train_x[:size], data.train_y[:size]
-    classes = _num_classes(data)
-    criterion = None if teacher is None else DistillationLoss(teacher.eval(), kind="hard", alpha=0.5)
-    rates = recipe.learning_rates(math.ceil(size / recipe.batch_size))
-    optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr)
-    generator = torch.Generator().manual_seed(seed)
-    evaluate_at = set(recipe.eval_epochs())
-    result: dict = {"train_acc": [], "val_epochs": [], "val_acc": []}
-    step = 0
-    model.train()
-    for epoch in range(1, recipe.epochs + 1):
-        correct = 0
-        for idx, images in _epoch(x, size, recipe, generator):
-            for group in optimizer.param_groups:
-                group["lr"] = rates[step]
-            outputs = model(images)  # (B, K), or the pair (cls, dist) of a distilled ViT
-            if criterion is None:
-                logits = outputs
-                loss = F.cross_entropy(logits, y[idx], label_smoothing=recipe.label_smoothing)
-            else:
-                eps = recipe.label_smoothing  # CE with these targets is CE with label_smoothing=eps
-                targets = F.one_hot(y[idx], classes).float() * (1 - eps) + eps / classes  # (B, K)
-                loss = criterion(images, outputs, targets)
-                logits = (outputs[0] + outputs[1]) / 2
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if recipe.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
-            optimizer.step()
-            correct += int((logits.detach().argmax(-1) == y[idx]).sum())
-            step += 1
-        result["train_acc"].append(correct / size)
-        if epoch in evaluate_at:
-            result["val_epochs"].append(epoch)
-            result["val_acc"].append(_accuracy(model, data.val_x, data.val_y))
-    result["test_acc"] = _accuracy(model, data.test_x, data.test_y)
-    return result
 
 
 def build_mae(spec: Mapping, pretrain: Pretrain, num_classes: int) -> MAE:
